@@ -6,6 +6,7 @@ tokenizers, dataset metadata and batch loading, and checkpoint save/load.
 import contextlib
 import os
 import pickle
+import sys
 from dataclasses import asdict
 
 import numpy as np
@@ -62,6 +63,21 @@ def autocast_context(device: str, dtype: str):
     return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
 
 
+def compile_model(model: torch.nn.Module, first_call) -> torch.nn.Module:
+    """torch.compile(model), or the model itself with a warning where compiling fails (no C compiler,
+    an unsupported platform or Python version). torch.compile only compiles at the first call, so
+    first_call(compiled) makes that call here, where a failure can still fall back to eager."""
+    try:
+        compiled = torch.compile(model)
+        first_call(compiled)
+        return compiled
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"warning: torch.compile failed ({type(e).__name__}: {reason}); running without it "
+              "(pass --compile=False to skip the attempt)", file=sys.stderr)
+        return model
+
+
 # -----------------------------------------------------------------------------
 # tokenizers: a checkpoint stores a small spec dict, and the spec rebuilds the tokenizer
 
@@ -84,34 +100,88 @@ def gpt2_encoding():
                              special_tokens={"<|endoftext|>": GPT2_EOT}, explicit_n_vocab=GPT2_EOT + 1)
 
 
+EOT_TEXT = "<|endoftext|>"  # how every tokenizer kind prints its end-of-text token
+
+
 class Tokenizer:
-    """encode/decode behind one interface for every tokenizer kind a checkpoint may name."""
+    """encode/decode behind one interface for every tokenizer kind a checkpoint may name:
+    {'kind': 'gpt2'}; {'kind': 'char', 'itos': [...], 'eot_id': i, 'unk_id': j} (both ids optional,
+    nanoGPT's metas have neither); {'kind': 'bert-chinese', 'vocab': [21128 entries]}, Chinese BERT's
+    vocab read one token per character (data/prepare_common.py says why and builds it)."""
 
     def __init__(self, spec: dict):
         self.spec = spec
+        self.chars = None  # the CharTable of the character-level kinds
         kind = spec.get("kind")
         if kind == "gpt2":
             enc = gpt2_encoding()
-            self.encode = lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})
+            self.encode = lambda s: enc.encode(s, allowed_special={EOT_TEXT})
             self.decode = lambda ids: enc.decode([i for i in ids if i < enc.n_vocab])
             self.vocab_size, self.eot_id = enc.n_vocab, GPT2_EOT
-        elif kind == "char":
-            itos = spec["itos"]
-            stoi = {ch: i for i, ch in enumerate(itos)}
-            self.encode = lambda s: _encode_chars(s, stoi)
-            self.decode = lambda ids: "".join(itos[i] for i in ids)
-            self.vocab_size, self.eot_id = len(itos), None
+        elif kind in ("char", "bert-chinese"):
+            if kind == "char":
+                itos, unk_id, self.eot_id = spec["itos"], spec.get("unk_id"), spec.get("eot_id")
+            else:  # [SEP] separates documents; no [CLS] anywhere
+                vocab = spec["vocab"]
+                itos, unk_id, self.eot_id = [_bert_display(t) for t in vocab], vocab.index("[UNK]"), vocab.index("[SEP]")
+            self.chars = CharTable(itos, unk_id)
+            self.encode = lambda s: self.chars.encode(s, self.eot_id)
+            self.decode = self.chars.decode
+            self.vocab_size = len(itos)
         else:
             raise UserError(f"unknown tokenizer kind {kind!r} in checkpoint or meta.pkl; "
                             "re-run the dataset's prepare.py")
 
 
-def _encode_chars(text: str, stoi: dict) -> list[int]:
-    unknown = sorted(set(text) - stoi.keys())
-    if unknown:
-        raise UserError(f"characters {unknown[:10]} are not in this model's character vocabulary; "
-                        "remove them from the prompt")
-    return [stoi[c] for c in text]
+class CharTable:
+    """One token per character. Encoding is a numpy gather through a code point -> id table, fast
+    enough for whole corpora (the prepare recipes use encode_array); decoding joins the ids' strings.
+    Entries longer than one character (<|endoftext|>, [UNK], [CLS], ...) never come out of encoding
+    text. A character outside the vocab becomes unk_id, or is an error when there is none."""
+
+    def __init__(self, itos: list[str], unk_id: int | None = None):
+        self.itos, self.unk_id = itos, unk_id
+        self.lut = np.full(0x110000, -1 if unk_id is None else unk_id, dtype=np.int32)  # every code point
+        for i in reversed(range(len(itos))):  # reversed: a character listed twice gets its lowest id
+            if len(itos[i]) == 1:
+                self.lut[ord(itos[i])] = i
+
+    @staticmethod
+    def code_points(text: str) -> np.ndarray:
+        # surrogatepass: a lone surrogate (from a broken JSON escape) is unknown, not a crash
+        return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        ids = self.lut[self.code_points(text)]
+        if self.unk_id is None and (ids < 0).any():
+            unknown = sorted({c for c in text if self.lut[ord(c)] < 0})
+            raise UserError(f"characters {unknown[:10]} are not in this model's character vocabulary; "
+                            "remove them from the prompt")
+        return ids
+
+    def encode(self, text: str, eot_id: int | None = None) -> list[int]:
+        """A prompt: <|endoftext|> in it becomes eot_id, as tiktoken allows for GPT-2."""
+        parts = text.split(EOT_TEXT) if eot_id is not None else [text]
+        ids = []
+        for j, part in enumerate(parts):
+            ids += ([eot_id] if j else []) + self.encode_array(part).tolist()
+        return ids
+
+    def decode(self, ids) -> str:
+        return "".join(self.itos[i] for i in ids if i < len(self.itos))
+
+
+def _bert_display(token: str) -> str:
+    """How a Chinese BERT vocab entry prints: [UNK] as itself, [SEP] (our end of document) as
+    <|endoftext|>, the other specials ([PAD], [CLS], [MASK], [unusedN], <S>, <T>) as nothing, and a
+    WordPiece continuation ##x as x (never produced here, but a model may sample one)."""
+    if token == "[UNK]":
+        return token
+    if token == "[SEP]":
+        return EOT_TEXT
+    if (len(token) > 2 and token[0] == "[" and token[-1] == "]") or token in ("<S>", "<T>"):
+        return ""
+    return token[2:] if token.startswith("##") and len(token) > 2 else token
 
 
 # -----------------------------------------------------------------------------
@@ -158,8 +228,11 @@ def open_bin(data_dir: str, split: str, meta: dict | None) -> np.memmap:
 
 
 def get_batch(data_dir: str, split: str, meta: dict | None, batch_size: int, block_size: int,
-              rng: np.random.Generator, device: str):
-    """batch_size random windows of block_size+1 tokens: inputs x and next-token targets y, (B, T)."""
+              rng: np.random.Generator, device: str, vocab_size: int | None = None):
+    """batch_size random windows of block_size+1 tokens: inputs x and next-token targets y, (B, T).
+    With vocab_size, an id outside the vocab is a clear error here rather than an index error deep in
+    the embedding (a device-side assert on CUDA); checking each batch costs next to nothing, while
+    scanning a whole multi-GB .bin up front would cost a full read at every start."""
     data = open_bin(data_dir, split, meta)
     if len(data) <= block_size:
         raise UserError(f"{split}.bin in {data_dir} has {len(data)} tokens, not more than "
@@ -167,6 +240,10 @@ def get_batch(data_dir: str, split: str, meta: dict | None, batch_size: int, blo
     ix = rng.integers(0, len(data) - block_size, size=batch_size)
     x = torch.from_numpy(np.stack([data[i:i + block_size].astype(np.int64) for i in ix]))
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size].astype(np.int64) for i in ix]))
+    if vocab_size is not None and max(int(x.max()), int(y.max())) >= vocab_size:
+        raise UserError(f"{split}.bin in {data_dir} holds token id {max(int(x.max()), int(y.max()))} but the "
+                        f"vocabulary has only {vocab_size} ids; the data does not match meta.pkl or the "
+                        "checkpoint: re-run the dataset's prepare.py or pick the matching --dataset")
     if device.startswith("cuda"):
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -186,6 +263,12 @@ def save_checkpoint(ckpt: dict, path: str):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        # the rename itself is durable only once the folder's entry is on disk too
+        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -216,3 +299,16 @@ def checkpoint_dict(model: GPT, tokenizer_spec: dict, **extra) -> dict:
     model_type = next(name for name, cls in MODELS.items() if type(model) is cls)
     return {"model": model.state_dict(), "model_type": model_type, "model_args": asdict(model.config),
             "tokenizer": tokenizer_spec, **extra}
+
+
+def load_pretrained(init_from: str, dropout: float = 0.0, model_type: str | None = None) -> tuple[GPT, dict]:
+    """--init_from of train.py and sample.py other than scratch/resume: gpt2, gpt2-medium, gpt2-large,
+    gpt2-xl, backpack-small (= backpack-gpt2), or a local directory in one of those Hugging Face layouts
+    (what export_hf.py and convert_flash_ckpt.py write). Returns (model, tokenizer spec). With
+    model_type given, a mismatch is an error raised before any weights are read."""
+    import hf  # lazily: hf imports this module
+    found_type, tokenizer_spec = hf.identify(init_from)
+    if model_type is not None and found_type != model_type:
+        raise UserError(f"--init_from={init_from} is a {found_type} model but model_type={model_type}; "
+                        f"pass --model_type={found_type}")
+    return MODELS[found_type].from_pretrained(init_from, override_args={"dropout": dropout}), tokenizer_spec

@@ -171,7 +171,7 @@ class GPT(nn.Module):
         logits = self.compute_logits(idx)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def crop_block_size(self, block_size: int):
@@ -179,6 +179,21 @@ class GPT(nn.Module):
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, override_args: dict | None = None) -> "GPT":
+        """Pretrained weights in a Hugging Face layout, read without running any downloaded code.
+        GPT: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a GPT2LMHeadModel.save_pretrained directory.
+        Backpack: backpack-small / backpack-gpt2 (= stanfordnlp/backpack-gpt2) or a directory in that
+        layout. Only dropout may be overridden (default 0). The key mapping lives in hf.py."""
+        import hf  # lazily: safetensors and huggingface_hub are only needed for pretrained weights
+        return hf.load_pretrained(cls, name_or_path, override_args)
+
+    def save_pretrained(self, export_dir: str, tokenizer_spec: dict | None = None):
+        """The inverse of from_pretrained: a GPT becomes a transformers GPT2LMHeadModel directory, a
+        Backpack the backpack-gpt2 layout (config.json + model.safetensors)."""
+        import hf
+        hf.save_pretrained(self, export_dir, tokenizer_spec)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # Decay only the matrices of Linear layers; embeddings, LayerNorms and biases are not decayed.
@@ -261,7 +276,7 @@ class SenseNetwork(nn.Module):
         r1 = r0 + self.drop(self.ln_0(r0))
         r2 = r1 + self.mlp(self.ln_1(r1))
         s = self.final_mlp(self.ln_2(r2))  # (..., k*d)
-        return s.view(*s.shape[:-1], self.n_senses, -1)  # (..., k, d)
+        return s.view(*s.shape[:-1], self.n_senses, s.size(-1) // self.n_senses)  # (..., k, d)
 
 
 class SenseWeights(nn.Module):
@@ -340,8 +355,7 @@ class Backpack(GPT):
         the whole vocabulary never materializes more than chunk_size tokens' activations at once."""
         assert token_ids.dim() == 1, "token_ids must be a 1-D LongTensor"
         wte = self.transformer.wte
-        chunks = [self.sense_network(wte(c)) for c in token_ids.split(chunk_size)]
-        return torch.cat(chunks) if chunks else wte.weight.new_zeros(0, self.config.n_senses, self.config.n_embd)
+        return torch.cat([self.sense_network(wte(c)) for c in token_ids.split(chunk_size)])
 
     def flops_per_token(self, T: int) -> float:
         # On top of the GPT count (all parameters, sense network included): the alpha scores

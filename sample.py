@@ -5,6 +5,11 @@ is needed:
     python sample.py --out_dir=out-shakespeare-char --device=cpu
     python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt
+
+Or pretrained weights (GPT-2 BPE), from the hub or a local Hugging Face directory:
+
+    python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=3
+    python sample.py --init_from=backpack-small --max_new_tokens=100
 """
 
 import os
@@ -12,14 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (Tokenizer, UserError, autocast_context, load_checkpoint, model_from_checkpoint,
-                    resolve_device, resolve_dtype)
+from common import (Tokenizer, UserError, autocast_context, load_checkpoint, load_pretrained,
+                    model_from_checkpoint, resolve_device, resolve_dtype)
 from configurator import run_cli
 
 
 @dataclass
 class SampleConfig:
-    init_from: str = "resume"  # 'resume' loads out_dir/ckpt.pt
+    init_from: str = "resume"  # 'resume' loads out_dir/ckpt.pt; or gpt2*, backpack-small, a HF directory
     out_dir: str = "out"  # where the checkpoint is
     start: str = "\n"  # the prompt, or FILE:path to read it from a file
     num_samples: int = 10  # number of samples to draw
@@ -48,11 +53,12 @@ def main(cfg: SampleConfig):
     device = resolve_device(cfg.device)
     ctx = autocast_context(device, resolve_dtype(cfg.dtype, device))
     torch.manual_seed(cfg.seed)
-    if cfg.init_from != "resume":
-        raise UserError(f"unknown --init_from={cfg.init_from}; use resume (with --out_dir)")
-    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
-    model = model_from_checkpoint(ckpt)
-    tokenizer = Tokenizer(ckpt["tokenizer"])
+    if cfg.init_from == "resume":
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+        model, tokenizer_spec = model_from_checkpoint(ckpt), ckpt["tokenizer"]
+    else:
+        model, tokenizer_spec = load_pretrained(cfg.init_from)
+    tokenizer = Tokenizer(tokenizer_spec)
     model.eval().to(device)
     if cfg.compile:
         model = torch.compile(model)

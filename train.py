@@ -25,7 +25,8 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (UserError, autocast_context, build_model, checkpoint_dict, get_batch, load_checkpoint,
-                    load_meta, resolve_device, resolve_dtype, save_checkpoint, tokenizer_spec_from_meta)
+                    load_meta, load_pretrained, resolve_device, resolve_dtype, save_checkpoint,
+                    tokenizer_spec_from_meta)
 from configurator import run_cli
 
 
@@ -38,7 +39,7 @@ class TrainConfig:
     eval_iters: int = 200  # batches per split in each evaluation
     eval_only: bool = False  # evaluate once and exit
     always_save_checkpoint: bool = True  # save at every eval, not only when val loss improves
-    init_from: str = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    init_from: str = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), gpt2*, backpack-small or a HF directory
     # logging
     wandb_log: bool = False  # log to Weights & Biases (needs `pip install wandb`)
     wandb_project: str = "nano-backpacklm"  # wandb project name
@@ -189,8 +190,11 @@ def _train(cfg: TrainConfig, device: str, rank: int, world_size: int, master: bo
         model.load_state_dict(ckpt["model"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         tokenizer_spec = ckpt["tokenizer"]
-    else:
-        raise UserError(f"unknown --init_from={cfg.init_from}; use scratch or resume")
+    else:  # finetune pretrained weights: a GPT-2 name, backpack-small, or a local Hugging Face directory
+        model, pretrained_tokenizer = load_pretrained(cfg.init_from, cfg.dropout, cfg.model_type)
+        if pretrained_tokenizer != tokenizer_spec:
+            raise UserError(f"--init_from={cfg.init_from} uses the {pretrained_tokenizer.get('kind')} tokenizer but "
+                            f"{data_dir} holds {tokenizer_spec.get('kind')} tokens; use a dataset prepared with it")
     if cfg.block_size < model.config.block_size:
         model.crop_block_size(cfg.block_size)
     elif cfg.block_size > model.config.block_size:
