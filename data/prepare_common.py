@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from common import CharTable, Tokenizer, UserError, gpt2_encoding  # noqa: E402
 
 SPLITS = ("train", "val", "test")
+CHUNK_TOKENS = 1 << 24  # tokens per step when writing the bins (32-64 MB of RAM)
 GPT2_MODEL_VOCAB = 50304  # GPT-2's 50257 padded to a multiple of 64 (faster), train.py's default too
 BERT_CHINESE_HUB = "uer/gpt2-chinese-cluecorpussmall"  # the seed repo's Chinese tokenizer
 # Characters of Chinese web text missing from the BERT vocab, put into its [unusedN] slots in this
@@ -125,7 +126,9 @@ def list_files(paths: list[str], patterns: tuple[str, ...], missing: str) -> lis
 def find_or_download(args: argparse.Namespace, name: str, url: str, missing: str) -> str:
     """The input path: the one given, else <out_dir>/<name> when placed there, else downloaded there."""
     if args.input:
-        return list_files(args.input, ("*",), missing)[0]
+        if len(args.input) > 1 or not os.path.isfile(args.input[0]):
+            raise UserError(f"{' '.join(args.input)} is not one file; {missing}")
+        return args.input[0]
     path = os.path.join(args.out_dir, name)
     if not os.path.exists(path):
         print(f"downloading {url} to {path}")
@@ -378,7 +381,7 @@ def write_dataset(docs: Callable[[], Iterable[str]], spec: dict, args: argparse.
     doc, read = 0, 0
     with tqdm(total=n_tokens, desc="writing", unit="tokens", unit_scale=True) as bar:
         while doc < len(lens):
-            last = max(doc + 1, int(np.searchsorted(ends, read + (1 << 24), side="right")))  # ~16M tokens
+            last = max(doc + 1, int(np.searchsorted(ends, read + CHUNK_TOKENS, side="right")))
             chunk = np.array(tokens[read:ends[last - 1]])  # a copy: train tokens get written over it
             where = np.repeat(labels[doc:last], lens[doc:last])
             for k in range(3):

@@ -20,6 +20,7 @@ import pytest
 import sample
 import train
 from common import Tokenizer, UserError, gpt2_encoding, load_checkpoint
+from configurator import parse_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(REPO, "..", "shared", "data")
@@ -140,7 +141,8 @@ def shakespeare_paragraphs() -> list[str]:
 
 
 @pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
-def test_text_shakespeare(tmp_path, tokenizer):
+def test_text_shakespeare(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setattr(prepare_common(), "CHUNK_TOKENS", 5000)  # many chunks: the in-place compaction
     meta = prepare("text", tmp_path / "text", SHAKESPEARE, "--doc_sep=blank", f"--tokenizer={tokenizer}")
     paragraphs = shakespeare_paragraphs()
     check_roundtrip(tmp_path / "text", meta, paragraphs)
@@ -302,3 +304,37 @@ def test_openwebtext_local_files(tmp_path):
     meta = prepare("openwebtext", tmp_path / "owt", str(src), "--val_fraction=0.1")
     check_roundtrip(tmp_path / "owt", meta, docs)
     assert meta["docs"] == {"train": 27, "val": 3}
+
+
+def test_don_suits_gpt2_finetuning(tmp_path):
+    """config/finetune_don.py's path: data/don's tokenizer spec is the one pretrained GPT-2 carries (a
+    tiny random GPT-2 in the Hugging Face layout stands in for the hub's gpt2)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=50257, n_positions=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    prepare("don", tmp_path / "don", DON)
+    cfg = parse_config(train.TrainConfig, [os.path.join(REPO, "config", "finetune_don.py")])
+    cfg = train.TrainConfig(**{**vars(cfg), "init_from": str(tmp_path / "gpt2"), "data_dir": str(tmp_path / "don"),
+                               "out_dir": str(tmp_path / "out"), "block_size": 32, "batch_size": 2,
+                               "gradient_accumulation_steps": 1, "max_iters": 2, "eval_iters": 1,
+                               "device": "cpu", "compile": False})
+    train.main(cfg)
+    assert load_checkpoint(os.path.join(tmp_path, "out", "ckpt.pt"))["tokenizer"] == {"kind": "gpt2"}
+
+
+CONFIGS = {"train_backpack_lm": "backpack", "train_backpack_micro": "backpack", "train_backpack_mini": "backpack",
+           "train_gpt2": "gpt", "train_clue_small": "backpack", "train_clue_micro": "backpack",
+           "train_tigerbot": "backpack", "train_tigerbot_gpt2": "gpt", "train_don_char": "backpack",
+           "finetune_don": "gpt"}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_dataset_configs_parse_and_name_their_model_type(name, monkeypatch):
+    monkeypatch.chdir(REPO)  # configs exec their base config by a path relative to the repo
+    path = os.path.join("config", f"{name}.py")
+    with open(path) as f:
+        assert re.search(r"^model_type = '(gpt|backpack)'$", f.read(), re.M), "set model_type explicitly"
+    cfg = parse_config(train.TrainConfig, [path])
+    assert cfg.model_type == CONFIGS[name]
+    if name.startswith("train_backpack"):  # the paper's 1024 x 512 tokens per step
+        assert (cfg.batch_size * cfg.gradient_accumulation_steps, cfg.block_size) == (1024, 512)

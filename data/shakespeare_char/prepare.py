@@ -3,8 +3,10 @@ Tiny Shakespeare, character level: writes train.bin / val.bin (uint16 ids) and m
 
     python data/shakespeare_char/prepare.py                  # downloads input.txt if it is absent
     python data/shakespeare_char/prepare.py path/to/input.txt  # or use a local copy
+    python data/shakespeare_char/prepare.py --out_dir=/tmp/x    # write the dataset elsewhere
 """
 
+import argparse
 import os
 import pickle
 import sys
@@ -16,10 +18,18 @@ URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshake
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def read_input(argv: list[str]) -> str:
-    path = argv[0] if argv else os.path.join(HERE, "input.txt")
-    if argv and not os.path.exists(path):
+def parse_args(argv: list[str], default_out_dir: str = HERE) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", nargs="?", help="a local copy of input.txt (default: download to this folder)")
+    p.add_argument("--out_dir", default=default_out_dir, help="where the dataset files go")
+    return p.parse_args(argv)
+
+
+def read_input(path: str | None, folder: str = HERE) -> str:
+    """The text at path; without one, folder/input.txt, downloaded when absent."""
+    if path and not os.path.exists(path):
         sys.exit(f"error: {path} not found; pass the path of tinyshakespeare's input.txt, or no argument to download it")
+    path = path or os.path.join(folder, "input.txt")
     if not os.path.exists(path):
         print(f"downloading {URL}")
         urllib.request.urlretrieve(URL, path)
@@ -28,7 +38,9 @@ def read_input(argv: list[str]) -> str:
 
 
 def main(argv: list[str]):
-    text = read_input(argv)
+    args = parse_args(argv)
+    text = read_input(args.input)
+    os.makedirs(args.out_dir, exist_ok=True)
     chars = sorted(set(text))
     stoi = {ch: i for i, ch in enumerate(chars)}
     print(f"{len(text):,} characters, vocab of {len(chars)}")
@@ -36,11 +48,11 @@ def main(argv: list[str]):
     ids = np.array([stoi[c] for c in text], dtype=np.uint16)
     train_ids, val_ids = ids[: int(n * 0.9)], ids[int(n * 0.9):]  # first 90% / last 10%
     print(f"train has {len(train_ids):,} tokens, val has {len(val_ids):,} tokens")
-    train_ids.tofile(os.path.join(HERE, "train.bin"))
-    val_ids.tofile(os.path.join(HERE, "val.bin"))
+    train_ids.tofile(os.path.join(args.out_dir, "train.bin"))
+    val_ids.tofile(os.path.join(args.out_dir, "val.bin"))
     meta = {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi, "dtype": "uint16",
             "tokenizer": {"kind": "char", "itos": chars}}
-    with open(os.path.join(HERE, "meta.pkl"), "wb") as f:
+    with open(os.path.join(args.out_dir, "meta.pkl"), "wb") as f:
         pickle.dump(meta, f)
 
 

@@ -1,0 +1,46 @@
+"""Each script's command line once, as a user runs it: prepare -> train -> sample, for both models."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, SHAKESPEARE
+
+
+def run(*args, **env):
+    out = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def char_dataset(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("shakespeare_char")
+    stdout = run("data/shakespeare_char/prepare.py", SHAKESPEARE, f"--out_dir={out_dir}")
+    assert "train has 1,003,854 tokens, val has 111,540 tokens" in stdout
+    assert sorted(os.listdir(out_dir)) == ["meta.pkl", "train.bin", "val.bin"]
+    return str(out_dir)
+
+
+def test_prepare_shakespeare_bpe(tmp_path):
+    stdout = run("data/shakespeare/prepare.py", SHAKESPEARE, f"--out_dir={tmp_path}")
+    assert "train has 301,966 tokens, val has 36,059 tokens" in stdout  # nanoGPT's counts
+    assert np.fromfile(tmp_path / "val.bin", dtype=np.uint16)[:3].tolist() == [30, 198, 198]  # "?\n\n"
+
+
+@pytest.mark.parametrize("model_type", ["backpack", "gpt"])
+def test_train_then_sample(char_dataset, tmp_path, model_type):
+    out_dir = tmp_path / "out"
+    stdout = run("train.py", "config/train_shakespeare_char.py", f"--data_dir={char_dataset}",
+                 f"--out_dir={out_dir}", f"--model_type={model_type}", "--device=cpu", "--compile=False",
+                 "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+                 "--max_iters=20", "--lr_decay_iters=20", "--eval_interval=10", "--eval_iters=2", "--dropout=0.0")
+    assert "step 20: train loss" in stdout and (out_dir / "ckpt.pt").exists()
+    stdout = run("sample.py", f"--out_dir={out_dir}", "--device=cpu", "--start=ROMEO:", "--num_samples=2",
+                 "--max_new_tokens=30")
+    samples = stdout.split("---------------\n")
+    assert len(samples) == 3 and all(s.startswith("ROMEO:") and len(s) > 30 for s in samples[:2])
