@@ -1,0 +1,83 @@
+"""
+Parity of pretrained loading and export at full size: max |difference| between our models and the
+references of tests/test_pretrained.py (GPT-2 124M, Backpack-Small 170M, Backpack-Micro for the flash
+converter; random weights, every parameter perturbed) on one batch of 2 x 512 tokens, loading and
+exporting. Offline, CPU, a minute or two:
+
+    python tests/measure_hf_parity.py
+"""
+
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from safetensors.torch import save_file  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+import convert_flash_ckpt  # noqa: E402
+from model import GPT, Backpack  # noqa: E402
+from test_pretrained import (RefBackpackLM, backpack_config, flash_logits, flash_state_dict, ids,  # noqa: E402
+                             max_diff)
+
+
+def perturb_(module, std=0.02, seed=0):
+    """Init-scale noise on every parameter: LayerNorms and biases move off 1 and 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(std * torch.randn(p.shape, generator=g))
+    return module
+
+
+@torch.no_grad()
+def main():
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        ref = perturb_(GPT2LMHeadModel(GPT2Config(bos_token_id=50256, eos_token_id=50256))).eval()
+        ref.save_pretrained(folder)
+        ours = GPT.from_pretrained(folder).eval()
+        x = ids(50257, 512)
+        theirs = ref(x).logits
+        print(f"gpt2-size (12x768, V 50257): max |logits diff| {max_diff(ours(x)[0], theirs):.2e} "
+              f"(|logits| up to {theirs.abs().max():.1f})")
+        ours.save_pretrained(os.path.join(folder, "export"))
+        exported = GPT2LMHeadModel.from_pretrained(os.path.join(folder, "export")).eval()
+        print(f"  exported back to transformers: max |logits diff| {max_diff(exported(x).logits, ours(x)[0]):.2e}")
+
+    with tempfile.TemporaryDirectory() as folder:
+        config = backpack_config(n_layer=12, n_head=12, n_embd=768, num_senses=16, vocab_size=50264, n_positions=512)
+        ref = perturb_(RefBackpackLM(GPT2Config(**config))).eval()
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config, f)
+        tied_copies = ("lm_head.weight", "backpack.word_embeddings.weight", "backpack.position_embeddings.weight")
+        state = {k: v.clone() for k, v in ref.state_dict().items() if k not in tied_copies}
+        save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        ours = Backpack.from_pretrained(folder).eval()
+        x = ids(50264, 512)
+        logits, alpha = ref(x)
+        print(f"backpack-small-size (12x768, k 16, V 50264, 512 positions): max |logits diff| "
+              f"{max_diff(ours(x)[0], logits):.2e} (|logits| up to {logits.abs().max():.1f}), "
+              f"max |contextualization diff| {max_diff(ours.contextualization(x), alpha):.2e}")
+        ours.save_pretrained(os.path.join(folder, "export"))
+        back = Backpack.from_pretrained(os.path.join(folder, "export")).eval()
+        print(f"  exported and loaded back: max |logits diff| {max_diff(back(x)[0], ours(x)[0]):.2e}")
+
+    with tempfile.TemporaryDirectory() as folder:
+        state = flash_state_dict(n_layer=6, d=384, vocab_size=50264, positions=512, n_senses=16, std=0.02)
+        torch.save({"state_dict": {"model." + k: v for k, v in state.items()}}, os.path.join(folder, "x.ckpt"))
+        convert_flash_ckpt.main(convert_flash_ckpt.ConvertConfig(ckpt=os.path.join(folder, "x.ckpt"),
+                                                                 export_dir=os.path.join(folder, "hf")))
+        ours = Backpack.from_pretrained(os.path.join(folder, "hf")).eval()
+        x = ids(50264, 512)
+        reference = flash_logits(state, x, n_head=6, n_senses=16)
+        print(f"flash micro (6x384, k 16): max |logits diff| {max_diff(ours(x)[0], reference):.2e} "
+              f"(|logits| up to {reference.abs().max():.1f})")
+
+
+if __name__ == "__main__":
+    main()
