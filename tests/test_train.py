@@ -109,3 +109,34 @@ def test_lr_schedule():
     assert get_lr(60, cfg) == pytest.approx(0.55)  # half way down the cosine
     assert get_lr(110, cfg) == pytest.approx(0.1) and get_lr(10_000, cfg) == 0.1
     assert get_lr(5, TrainConfig(decay_lr=False, learning_rate=0.3)) == 0.3
+
+
+@pytest.mark.parametrize("model_type,accum", [("gpt", 1), ("backpack", 2)])
+def test_exact_resume(char_data, tmp_path, model_type, accum):
+    """N iterations straight == N/2, then --init_from=resume for the rest: bit-identical weights and
+    optimizer state (dropout on, so the RNG state must be restored too)."""
+    kw = dict(model_type=model_type, gradient_accumulation_steps=accum, dropout=0.1, max_iters=12,
+              lr_decay_iters=12, eval_interval=6, batch_size=4)
+    main(tiny_cfg(char_data, tmp_path / "straight", **kw))
+    main(tiny_cfg(char_data, tmp_path / "halves", **dict(kw, max_iters=6)))
+    assert load_checkpoint(str(tmp_path / "halves" / "ckpt.pt"))["iter_num"] == 6
+    main(tiny_cfg(char_data, tmp_path / "halves", init_from="resume", **kw))
+    a = load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
+    b = load_checkpoint(str(tmp_path / "halves" / "ckpt.pt"))
+    assert a["iter_num"] == b["iter_num"] == 12
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    assert a["best_val_loss"] == b["best_val_loss"]
+
+
+def test_best_val_loss_is_never_overwritten_by_a_worse_one(char_data, tmp_path):
+    # a learning rate this high makes the loss rise after the first evaluation
+    main(tiny_cfg(char_data, tmp_path, model_type="gpt", learning_rate=1.0, min_lr=1.0, warmup_iters=0,
+                  max_iters=20, eval_interval=10))
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert rows[-1]["val_loss"] > min(r["val_loss"] for r in rows)  # the run did get worse
+    ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ckpt["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in rows))
+    assert ckpt["iter_num"] == 20  # always_save_checkpoint keeps saving the latest state
