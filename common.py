@@ -6,7 +6,9 @@ tokenizers, dataset metadata and batch loading, and checkpoint save/load.
 import contextlib
 import os
 import pickle
+import re
 import sys
+import warnings
 from dataclasses import asdict
 
 import numpy as np
@@ -216,8 +218,9 @@ def bin_dtype(meta: dict | None):
 def open_bin(data_dir: str, split: str, meta: dict | None) -> np.memmap:
     path = os.path.join(data_dir, f"{split}.bin")
     if not os.path.exists(path):
-        dataset = os.path.basename(os.path.normpath(data_dir))
-        raise UserError(f"{path} not found; prepare the data first: python data/{dataset}/prepare.py")
+        recipe = os.path.join("data", os.path.basename(os.path.normpath(data_dir)), "prepare.py")
+        recipe = recipe if os.path.exists(recipe) else "data/<dataset>/prepare.py --out_dir=" + data_dir
+        raise UserError(f"{path} not found; prepare the data first: python {recipe}")
     dtype = bin_dtype(meta)
     size = os.path.getsize(path)
     if size == 0 or size % dtype.itemsize:
@@ -278,11 +281,19 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}; train one first or pass the right --out_dir")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings(record=True) as caught:  # shown below, only if the load succeeds
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a loadable checkpoint ({first_line[:200]}); "
-                        "it is corrupt or not from this repo") from None
+        # torch's own message suggests weights_only=False, the unsafe way out: say what happened instead
+        if blocked := re.search(r"GLOBAL (\S+)", str(e)):
+            reason = f"unpickling it would call {blocked.group(1)}, which weights_only=True refuses"
+        elif "Weights only load failed" in str(e):
+            reason = "not a torch.save file"
+        else:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{path} is not a loadable checkpoint ({reason}); it is corrupt or not from this repo") from None
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if not isinstance(ckpt, dict) or "model" not in ckpt or ckpt.get("model_type") not in MODELS:
         raise UserError(f"{path} is not a checkpoint of this repo (no model/model_type entry)")
     return ckpt

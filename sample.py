@@ -40,19 +40,26 @@ class SampleConfig:
 def read_prompt(start: str) -> str:
     if start.startswith("FILE:"):
         path = start[len("FILE:"):]
-        if not os.path.exists(path):
+        if not os.path.isfile(path):
             raise UserError(f"prompt file {path} not found; check the path after FILE:")
-        with open(path, encoding="utf-8") as f:
-            start = f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                start = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"prompt file {path} is unreadable ({e}); save it as UTF-8 text") from None
     if not start:
         raise UserError("the prompt is empty; pass --start with at least one character")
     return start
 
 
 def main(cfg: SampleConfig):
+    if cfg.temperature < 0 or cfg.top_k < 0 or cfg.max_new_tokens < 0:
+        raise UserError(f"temperature, top_k and max_new_tokens must be >= 0 (got {cfg.temperature}, {cfg.top_k}, "
+                        f"{cfg.max_new_tokens}); 0 means greedy, all tokens, nothing new")
     device = resolve_device(cfg.device)
     ctx = autocast_context(device, resolve_dtype(cfg.dtype, device))
     torch.manual_seed(cfg.seed)
+    prompt = read_prompt(cfg.start)  # before the checkpoint loads: a typo should fail fast
     if cfg.init_from == "resume":
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
         model, tokenizer_spec = model_from_checkpoint(ckpt), ckpt["tokenizer"]
@@ -63,7 +70,7 @@ def main(cfg: SampleConfig):
     if cfg.compile:
         model = torch.compile(model)
 
-    ids = tokenizer.encode(read_prompt(cfg.start))
+    ids = tokenizer.encode(prompt)
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
     with torch.no_grad(), ctx:
         for _ in range(cfg.num_samples):

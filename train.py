@@ -11,35 +11,52 @@ Across 2 nodes (run on each, --node_rank=0 on the master; add NCCL_IB_DISABLE=1 
 
     torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=123.456.123.456 \
         --master_port=1234 train.py config/train_backpack_lm.py
+
+Ctrl-C or SIGTERM (preemption) finishes the current step, saves a resumable checkpoint and exits 0;
+run the same command with --init_from=resume to continue exactly where it stopped.
 """
 
+import difflib
 import json
 import math
 import os
+import re
+import signal
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (UserError, autocast_context, build_model, checkpoint_dict, get_batch, load_checkpoint,
-                    load_meta, load_pretrained, resolve_device, resolve_dtype, save_checkpoint,
+from common import (UserError, autocast_context, build_model, checkpoint_dict, compile_model, get_batch,
+                    load_checkpoint, load_meta, load_pretrained, resolve_device, resolve_dtype, save_checkpoint,
                     tokenizer_spec_from_meta)
 from configurator import run_cli
 
 
 @dataclass
 class TrainConfig:
-    # I/O
-    out_dir: str = "out"  # checkpoints, metrics.jsonl and loss.png go here
+    # I/O. Checkpoints in out_dir, all written atomically, all resumable (weights, optimizer, GradScaler,
+    # iter_num, best_val_loss, config; the RNG needs no state, see batch_rng):
+    #   ckpt.pt       always_save_checkpoint=True: the latest eval (or stop on a signal).
+    #                 False: the best val loss so far, as in nanoGPT (what sample.py reads).
+    #   ckpt_last.pt  only with always_save_checkpoint=False: a state newer than ckpt.pt (an eval that did
+    #                 not improve, or a stop on a signal); removed whenever ckpt.pt is written again.
+    #   ckpt_<iter>.pt  the last keep_last_n evals' states, if keep_last_n > 0.
+    # --init_from=resume continues from the newer of ckpt.pt and ckpt_last.pt.
+    out_dir: str = "out"  # checkpoints, metrics.jsonl (evals), steps.jsonl (logged steps), loss.png
     eval_interval: int = 2000  # evaluate (and maybe checkpoint) every this many iterations
     log_interval: int = 1  # print the training loss every this many iterations
     eval_iters: int = 200  # batches per split in each evaluation
     eval_only: bool = False  # evaluate once and exit
-    always_save_checkpoint: bool = True  # save at every eval, not only when val loss improves
-    init_from: str = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), gpt2*, backpack-small or a HF directory
+    always_save_checkpoint: bool = True  # ckpt.pt at every eval; False: ckpt.pt holds the best, see above
+    keep_last_n: int = 0  # also keep the last n evals' checkpoints as ckpt_<iter>.pt; 0 keeps none
+    init_from: str = "scratch"  # 'scratch', 'resume' (see the checkpoints above), gpt2*, backpack-small or a HF directory
     # logging
     wandb_log: bool = False  # log to Weights & Biases (needs `pip install wandb`)
     wandb_project: str = "nano-backpacklm"  # wandb project name
@@ -76,8 +93,11 @@ class TrainConfig:
     backend: str = "auto"  # DDP backend: auto picks nccl on CUDA, gloo on CPU
     device: str = "auto"  # cpu, cuda, cuda:N, mps or auto
     dtype: str = "auto"  # float32, bfloat16, float16; auto: bf16/fp16 on CUDA, float32 elsewhere
-    compile: bool = True  # torch.compile the model
+    compile: bool = True  # torch.compile the model (falls back to eager, with a warning, where it fails)
     seed: int = 1337  # seeds init, dropout and the data order
+    # failures
+    max_nonfinite_steps: int = 5  # a NaN/inf loss or grad norm skips the update; this many in a row stop
+    ddp_timeout: int = 600  # seconds a rank waits for the others before it gives up (> one checkpoint save)
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:
@@ -97,9 +117,89 @@ EVAL_STREAM = 2**32 - 1  # stream id of the evaluation batches, never a training
 
 
 def batch_rng(seed: int, *stream: int) -> np.random.Generator:
-    """The data order is a pure function of (seed, iteration, global micro-step): resuming needs no
-    saved sampler state, and 2 ranks x A micro-steps read exactly what 1 process x 2A reads."""
+    """The data order and the dropout masks are a pure function of (seed, iteration, global
+    micro-step): resuming needs no saved sampler or RNG state, and 2 ranks x A micro-steps draw
+    exactly what 1 process x 2A draws."""
     return np.random.default_rng([seed, *stream])
+
+
+def check_config(cfg: TrainConfig, world_size: int):
+    """Checks that need nothing loaded, so that a bad value costs a second, not a data load."""
+    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "log_interval",
+                "eval_iters", "max_nonfinite_steps", "ddp_timeout"):
+        if getattr(cfg, key) <= 0:
+            raise UserError(f"{key} must be positive (got {getattr(cfg, key)}); pass --{key}=N with N >= 1")
+    if cfg.keep_last_n < 0:
+        raise UserError(f"keep_last_n must be >= 0 (got {cfg.keep_last_n}); 0 keeps no ckpt_<iter>.pt files")
+    if cfg.gradient_accumulation_steps % world_size:
+        raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by "
+                        f"the {world_size} ranks; make it a multiple of {world_size}")
+
+
+def check_out_dir(out_dir: str):
+    """Fail at startup, not at the first checkpoint after the data and the model have loaded."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise UserError(f"out_dir {out_dir} is not writable ({e.strerror or e}); pass a writable --out_dir") from None
+
+
+def check_data_dir(cfg: TrainConfig) -> str:
+    data_dir = cfg.data_dir or os.path.join("data", cfg.dataset)
+    if os.path.isdir(data_dir):
+        return data_dir
+    if cfg.data_dir:
+        raise UserError(f"--data_dir={cfg.data_dir} does not exist; point it at a folder with train.bin and val.bin")
+    known = sorted(d for d in os.listdir("data") if os.path.exists(os.path.join("data", d, "prepare.py"))) \
+        if os.path.isdir("data") else []
+    guess = (difflib.get_close_matches(cfg.dataset, known, n=1) or known or ["<name>"])[0]
+    raise UserError(f"dataset folder {data_dir} not found; pick one of {', '.join(known) or 'data/*'} and prepare "
+                    f"it first, e.g. python data/{guess}/prepare.py then --dataset={guess}")
+
+
+def load_resume_checkpoint(out_dir: str) -> tuple[str, dict]:
+    """The newest state in out_dir: ckpt.pt, or ckpt_last.pt where it is newer (see TrainConfig).
+    Comparing iter_num, not trusting which file exists, keeps this right after a crash between
+    writing ckpt.pt and removing ckpt_last.pt."""
+    paths = [p for p in (os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "ckpt_last.pt")) if os.path.exists(p)]
+    if not paths:
+        raise UserError(f"--init_from=resume but {out_dir} has no ckpt.pt; train from scratch first or pass "
+                        "the run's --out_dir")
+    ckpts = [load_checkpoint(p) for p in paths]
+    i = max(range(len(ckpts)), key=lambda j: ckpts[j]["iter_num"])  # the first, ckpt.pt, on a tie
+    ckpts[i]["best_val_loss"] = min(c["best_val_loss"] for c in ckpts)
+    return paths[i], ckpts[i]
+
+
+def prune_periodic_checkpoints(out_dir: str, keep: int):
+    """Remove all but the keep highest-iteration ckpt_<iter>.pt files."""
+    found = sorted((int(m.group(1)), name) for name in os.listdir(out_dir)
+                   if (m := re.fullmatch(r"ckpt_(\d+)\.pt", name)))
+    for _, name in found[:-keep]:
+        os.remove(os.path.join(out_dir, name))
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """A collective that failed because another rank died (gloo: connection reset/closed) or hung
+    longer than ddp_timeout (gloo: timed out; NCCL's watchdog aborts the process by itself)."""
+    return isinstance(e, torch.distributed.DistError) or "gloo" in str(e)
+
+
+def describe_tokenizer(spec: dict) -> str:
+    vocab = spec.get("itos") or spec.get("vocab")
+    return f"{spec.get('kind')}" + (f" with {len(vocab)} entries" if vocab else "")
+
+
+def trained_on(config: dict) -> str:
+    """The flag that names the data a checkpoint was trained on."""
+    return f"--data_dir={config['data_dir']}" if config.get("data_dir") else f"--dataset={config.get('dataset', '?')}"
+
+
+def append_jsonl(path: str, row: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def plot_losses(metrics_path: str, png_path: str):
@@ -126,6 +226,7 @@ def plot_losses(metrics_path: str, png_path: str):
 def main(cfg: TrainConfig):
     # ---- distributed setup: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE
     ddp = int(os.environ.get("RANK", -1)) != -1
+    check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     if ddp:
         device = resolve_device(cfg.device)
         local_rank = int(os.environ["LOCAL_RANK"])
@@ -133,24 +234,46 @@ def main(cfg: TrainConfig):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
-        init_process_group(backend=backend)
+        # the timeout bounds every collective too, so a hung rank ends the job instead of stalling it
+        init_process_group(backend=backend, timeout=timedelta(seconds=cfg.ddp_timeout))
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     else:
         device, rank, world_size = resolve_device(cfg.device), 0, 1
     master = rank == 0
+
+    # SIGINT/SIGTERM only raise a flag; the loop finishes its step, saves and returns. In one process a
+    # second signal of the same kind acts as usual (a second Ctrl-C stops at once). Not under torchrun:
+    # there a Ctrl-C reaches each rank twice (from the terminal, then forwarded by the agent), and the
+    # agent itself kills ranks that are still running 30 s after it forwarded a signal.
+    stop_signals: list[str] = []
+    previous = {s: signal.getsignal(s) or signal.SIG_DFL for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def request_stop(signum, frame):
+        stop_signals.append(signal.Signals(signum).name)
+        if not ddp:
+            signal.signal(signum, previous[signum])
+
+    for s in previous:
+        signal.signal(s, request_stop)
     try:
-        _train(cfg, device, rank, world_size, master, ddp)
+        _train(cfg, device, rank, world_size, master, ddp, stop_signals)
+    except RuntimeError as e:
+        if not (ddp and is_peer_failure(e)):
+            raise
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip().splitlines()[0]).split(". ")[0]  # drop the source path
+        print(f"error: rank {rank} lost contact with the other ranks ({reason}); one of them died (its error "
+              f"is in the log) or hung longer than ddp_timeout={cfg.ddp_timeout}s. Fix that, then rerun with "
+              "--init_from=resume", file=sys.stderr)
+        sys.exit(1)
     finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         if ddp:
             destroy_process_group()
 
 
-def _train(cfg: TrainConfig, device: str, rank: int, world_size: int, master: bool, ddp: bool):
-    if cfg.batch_size <= 0 or cfg.block_size <= 0:
-        raise UserError(f"batch_size and block_size must be positive (got {cfg.batch_size}, {cfg.block_size})")
-    if cfg.gradient_accumulation_steps % world_size:
-        raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by "
-                        f"the {world_size} ranks; make it a multiple of {world_size}")
+def _train(cfg: TrainConfig, device: str, rank: int, world_size: int, master: bool, ddp: bool,
+           stop_signals: list[str]):
     accum = cfg.gradient_accumulation_steps // world_size  # micro-steps on this rank
     dtype = resolve_dtype(cfg.dtype, device)
     device_type = device.split(":")[0]
@@ -160,15 +283,16 @@ def _train(cfg: TrainConfig, device: str, rank: int, world_size: int, master: bo
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    data_dir = cfg.data_dir or os.path.join("data", cfg.dataset)
+    if master:
+        check_out_dir(cfg.out_dir)
+    data_dir = check_data_dir(cfg)
     meta = load_meta(data_dir)
     tokenizer_spec = tokenizer_spec_from_meta(meta)
     if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
         print(f"tokens per iteration: {cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size:,}")
 
     # ---- model
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt_path, last_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "ckpt_last.pt")
     iter_num, best_val_loss, ckpt = 0, float("inf"), None
     if cfg.init_from == "scratch":
         model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
@@ -181,10 +305,14 @@ def _train(cfg: TrainConfig, device: str, rank: int, world_size: int, master: bo
             model_args.update(n_senses=cfg.n_senses, sense_intermediate_scale=cfg.sense_intermediate_scale)
         model = build_model(cfg.model_type, **model_args)
     elif cfg.init_from == "resume":
-        ckpt = load_checkpoint(ckpt_path)
+        resume_path, ckpt = load_resume_checkpoint(cfg.out_dir)
         if ckpt["model_type"] != cfg.model_type:
-            raise UserError(f"{ckpt_path} holds a {ckpt['model_type']} model but model_type={cfg.model_type}; "
+            raise UserError(f"{resume_path} holds a {ckpt['model_type']} model but model_type={cfg.model_type}; "
                             f"pass --model_type={ckpt['model_type']}")
+        if ckpt["tokenizer"] != tokenizer_spec:
+            raise UserError(f"the tokenizer in {data_dir} ({describe_tokenizer(tokenizer_spec)}) differs from the one "
+                            f"{resume_path} was trained with ({describe_tokenizer(ckpt['tokenizer'])}); resume on "
+                            f"its data ({trained_on(ckpt.get('config', {}))})")
         model_args = dict(ckpt["model_args"], dropout=cfg.dropout)
         model = build_model(ckpt["model_type"], **model_args)
         model.load_state_dict(ckpt["model"])
@@ -208,17 +336,23 @@ def _train(cfg: TrainConfig, device: str, rank: int, world_size: int, master: bo
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["torch"][rank % len(ckpt["rng"]["torch"])])
         ckpt = None  # free memory
+
+    vocab_size = model.config.vocab_size  # token ids at or past it in a .bin are an error
+
+    def batch(split, rng):
+        return get_batch(data_dir, split, meta, cfg.batch_size, cfg.block_size, rng, device, vocab_size)
 
     raw_model = model
     if cfg.compile:
-        model = torch.compile(model)
+        def first_step(compiled):  # forward and backward, so that both compile here
+            X, Y = batch("train", batch_rng(cfg.seed, EVAL_STREAM, 0, 0))
+            with ctx:
+                compiled(X, Y)[1].backward()
+        model = compile_model(model, first_step)
+        optimizer.zero_grad(set_to_none=True)
     if ddp:
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
-
-    def batch(split, rng):
-        return get_batch(data_dir, split, meta, cfg.batch_size, cfg.block_size, rng, device)
 
     @torch.no_grad()
     def estimate_loss():
@@ -239,12 +373,18 @@ def _train(cfg: TrainConfig, device: str, rank: int, world_size: int, master: bo
         model.train()
         return out
 
-    def save(val_loss_best):
+    def save(path):
         ckpt = checkpoint_dict(raw_model, tokenizer_spec, optimizer=optimizer.state_dict(),
-                               scaler=scaler.state_dict(), iter_num=iter_num, best_val_loss=val_loss_best,
-                               config=asdict(cfg), rng={"torch": rng_states})
-        save_checkpoint(ckpt, ckpt_path)
-        print(f"saving checkpoint to {cfg.out_dir}")
+                               scaler=scaler.state_dict(), iter_num=iter_num, best_val_loss=best_val_loss,
+                               config=asdict(cfg))
+        try:
+            save_checkpoint(ckpt, path)
+        except OSError as e:
+            raise UserError(f"saving {path} failed ({e.strerror or e}); the previous checkpoint is intact. Free "
+                            "space or fix --out_dir, then rerun with --init_from=resume") from None
+        print(f"saving checkpoint to {path}")
+        if path == ckpt_path and os.path.exists(last_path):
+            os.remove(last_path)  # ckpt.pt is the newest state now
 
     if cfg.wandb_log and master:
         import wandb
@@ -255,7 +395,8 @@ def _train(cfg: TrainConfig, device: str, rank: int, world_size: int, master: bo
 
     # ---- training loop
     t0 = time.time()
-    local_iter, running_mfu = 0, -1.0
+    local_iter, running_mfu, nonfinite_in_a_row = 0, -1.0, 0
+    params = list(raw_model.parameters())
     while True:
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
@@ -263,30 +404,29 @@ def _train(cfg: TrainConfig, device: str, rank: int, world_size: int, master: bo
 
         if iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters or cfg.eval_only:
             losses = estimate_loss()
-            # Every rank's dropout RNG state, so that a resumed run continues bit-exactly.
-            rng_states = [torch.get_rng_state()]
-            if ddp:
-                rng_states = [None] * world_size
-                torch.distributed.all_gather_object(rng_states, torch.get_rng_state())
             if master:
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                                        "lr": lr, "time": time.time()}) + "\n")
+                append_jsonl(metrics_path, {"iter": iter_num, "train_loss": losses["train"],
+                                            "val_loss": losses["val"], "lr": lr, "time": time.time()})
                 plot_losses(metrics_path, os.path.join(cfg.out_dir, "loss.png"))
                 if cfg.wandb_log:
                     wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
-                if (improved or cfg.always_save_checkpoint) and not cfg.eval_only:
-                    save(best_val_loss)
+                if not cfg.eval_only:
+                    save(ckpt_path if improved or cfg.always_save_checkpoint else last_path)
+                    if cfg.keep_last_n:
+                        save(os.path.join(cfg.out_dir, f"ckpt_{iter_num}.pt"))
+                        prune_periodic_checkpoints(cfg.out_dir, cfg.keep_last_n)
         if iter_num >= cfg.max_iters or cfg.eval_only:
             break
 
         # forward/backward over accum micro-batches; DDP syncs gradients on the last one only
         loss_sum = torch.zeros((), device=device)
         for micro_step in range(accum):
-            X, Y = batch("train", batch_rng(cfg.seed, iter_num, rank * accum + micro_step))
+            rng = batch_rng(cfg.seed, iter_num, rank * accum + micro_step)
+            X, Y = batch("train", rng)
+            torch.manual_seed(int(rng.integers(2**63)))  # this micro-step's dropout masks, see batch_rng
             if ddp:
                 model.require_backward_grad_sync = micro_step == accum - 1
             with ctx:
@@ -294,23 +434,54 @@ def _train(cfg: TrainConfig, device: str, rank: int, world_size: int, master: bo
                 loss = loss / accum  # mean over the micro-batches, not their sum
             loss_sum += loss.detach()
             scaler.scale(loss).backward()
-        if cfg.grad_clip != 0.0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        scaler.unscale_(optimizer)  # true gradients for the norm and the clip (a no-op without fp16)
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        # One small all-reduce per step: the loss averaged over ranks (what is logged), and one
+        # decision for all ranks on skipping a non-finite step and on stopping after a signal. Reading
+        # it is a host sync every step (nanoGPT syncs at log steps only), a small cost next to a step.
+        stats = torch.stack([loss_sum.float(), grad_norm.float(),
+                             torch.tensor(float(bool(stop_signals)), device=device)])
+        if ddp:
+            torch.distributed.all_reduce(stats)
+        lossf, normf, stop = (stats / world_size).tolist()
+        finite = math.isfinite(lossf) and math.isfinite(normf)
+        if finite or scaler.is_enabled():  # fp16: the GradScaler skips inf/nan steps and lowers its scale
+            if cfg.grad_clip != 0.0:
+                torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            nonfinite_in_a_row = 0
+        else:
+            nonfinite_in_a_row += 1
+            if master:
+                print(f"iter {iter_num}: non-finite loss {lossf} or grad norm {normf}, update skipped "
+                      f"({nonfinite_in_a_row} in a row, max_nonfinite_steps={cfg.max_nonfinite_steps})")
+            if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                raise UserError(f"the loss or gradient norm was non-finite for {nonfinite_in_a_row} steps in a row "
+                                f"(up to iter {iter_num}); lower --learning_rate or set --grad_clip, then rerun from "
+                                "the last checkpoint with --init_from=resume")
         optimizer.zero_grad(set_to_none=True)
 
         t1 = time.time()
         dt, t0 = t1 - t0, t1
         if iter_num % cfg.log_interval == 0 and master:
-            lossf = loss_sum.item()  # this rank's mean loss; a sync point, so only every log_interval
             if local_iter >= 5:  # let the first iterations (compile, warmup) pass
                 mfu, _ = raw_model.estimate_mfu(cfg.batch_size * accum, dt, device)
                 running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
             print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {running_mfu * 100:.2f}%")
+            append_jsonl(os.path.join(cfg.out_dir, "steps.jsonl"),
+                         {"iter": iter_num, "loss": lossf if finite else None, "grad_norm": normf if finite else None,
+                          "lr": lr, "time_ms": dt * 1000})
         iter_num += 1
         local_iter += 1
+        if stop:  # every rank agreed, at the all-reduce above
+            path = ckpt_path if cfg.always_save_checkpoint else last_path
+            if master:
+                save(path)
+                print(f"stopped by {stop_signals[0] if stop_signals else 'a signal to another rank'} after "
+                      f"{iter_num} iterations; {path} holds the state. To continue, run the same command "
+                      "with --init_from=resume")
+            break
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from common import gpt2_encoding  # noqa: E402
+from common import UserError, gpt2_encoding  # noqa: E402
 from data.shakespeare_char.prepare import parse_args, read_input  # noqa: E402  (same text, same flags)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -24,9 +24,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def main(argv: list[str]):
     args = parse_args(argv, default_out_dir=HERE)
     text = read_input(args.input, HERE)
+    try:
+        enc = gpt2_encoding()
+    except UserError as e:
+        sys.exit(f"error: {e}")
     os.makedirs(args.out_dir, exist_ok=True)
     n = len(text)
-    enc = gpt2_encoding()
     train_ids = np.array(enc.encode_ordinary(text[: int(n * 0.9)]), dtype=np.uint16)
     val_ids = np.array(enc.encode_ordinary(text[int(n * 0.9):]), dtype=np.uint16)
     print(f"train has {len(train_ids):,} tokens, val has {len(val_ids):,} tokens")

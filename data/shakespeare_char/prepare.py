@@ -33,8 +33,14 @@ def read_input(path: str | None, folder: str = HERE) -> str:
     if not os.path.exists(path):
         print(f"downloading {URL}")
         urllib.request.urlretrieve(URL, path)
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        sys.exit(f"error: {path} is unreadable ({e}); pass a UTF-8 text file")
+    if not text:  # checked before anything is written: an empty dataset would replace a good one
+        sys.exit(f"error: {path} is empty; pass tinyshakespeare's input.txt (or delete {path} to download it)")
+    return text
 
 
 def main(argv: list[str]):
