@@ -6,35 +6,10 @@
 # 12 x 1024 x 40 (5 per GPU on 8 GPUs) = 491,520 tokens per step, 100k steps ~ 49B tokens.
 # Hardware/time: 8x A100, about 1.5 days (estimate from 6*N*D = 4.4e19 FLOPs, N = 148M).
 # Expected val loss: not measured yet.
+# Same model, batch and schedule as config/train_clue_small.py; only the data and names differ.
+exec(open('config/train_clue_small.py').read())
 
 out_dir = 'out-tigerbot-backpack'
-eval_interval = 1000
-eval_iters = 200
-log_interval = 10
-
-wandb_log = False  # True to log to Weights & Biases (pip install wandb)
 wandb_project = 'tigerbot'
 wandb_run_name = 'backpack-small'
-
 dataset = 'tigerbot'  # vocab_size comes from its meta.pkl
-batch_size = 12
-block_size = 1024
-gradient_accumulation_steps = 40
-
-model_type = 'backpack'
-n_layer = 12
-n_head = 12
-n_embd = 768
-n_senses = 16
-dropout = 0.0
-bias = True
-
-learning_rate = 6e-4
-max_iters = 100000
-lr_decay_iters = 100000
-warmup_iters = 2000
-min_lr = 6e-5
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0
