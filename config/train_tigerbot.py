@@ -9,6 +9,7 @@
 # Same model, batch and schedule as config/train_clue_small.py; only the data and names differ.
 exec(open('config/train_clue_small.py').read())
 
+model_type = 'backpack'
 out_dir = 'out-tigerbot-backpack'
 wandb_project = 'tigerbot'
 wandb_run_name = 'backpack-small'
