@@ -4,10 +4,13 @@ tokenizers, dataset metadata and batch loading, and checkpoint save/load.
 """
 
 import contextlib
+import difflib
+import functools
 import os
 import pickle
 import re
 import sys
+import time
 import warnings
 from dataclasses import asdict
 
@@ -21,8 +24,27 @@ class UserError(Exception):
     """Bad input from the user: printed as one line (problem and fix) by the CLI, no traceback."""
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name when it has none), cut to limit
+    characters: what a one-line error quotes of a library's multi-line message."""
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:limit]
+
+
+def did_you_mean(value: str, choices) -> str:
+    """'did you mean X?' when value is a near miss of one of choices, else the list of choices (a
+    far-off guess such as nope -> clue_small misleads more than it helps)."""
+    choices = list(choices)
+    close = difflib.get_close_matches(value, choices, n=1, cutoff=0.6)
+    return f"did you mean {close[0]}?" if close else f"choose one of {', '.join(choices)}"
+
+
 # -----------------------------------------------------------------------------
 # device and dtype
+
+
+DEVICES = ("cpu", "cuda", "mps", "auto")  # cuda also as cuda:N
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 def resolve_device(device: str) -> str:
@@ -32,12 +54,15 @@ def resolve_device(device: str) -> str:
         if torch.backends.mps.is_available():
             return "mps"
         return "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    kind, _, index = device.partition(":")
+    if kind not in DEVICES or (index and (kind != "cuda" or not index.isdigit())):
+        close = difflib.get_close_matches(kind, DEVICES, n=1) if kind not in DEVICES else []
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UserError(f"unknown --device={device}; {hint}use cpu, cuda, cuda:N, mps or auto")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device={device} but CUDA is not available here; use --device=cpu")
-    if device == "mps" and not torch.backends.mps.is_available():
+    if kind == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device=mps but MPS is not available here; use --device=cpu")
-    if device.split(":")[0] not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown --device={device}; use cpu, cuda, cuda:N, mps or auto")
     return device
 
 
@@ -45,12 +70,12 @@ def resolve_dtype(dtype: str, device: str) -> str:
     """'auto' is bf16 on GPUs that support it, else fp16 on CUDA, and float32 elsewhere: on CPU,
     bf16 matmuls are far slower than fp32 and fp16 autocast is not supported."""
     device_type = device.split(":")[0]
+    if dtype not in DTYPES:
+        raise UserError(f"unknown --dtype={dtype}; {did_you_mean(dtype, DTYPES)}")
     if dtype == "auto":
         if device_type == "cuda":
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
         return "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"unknown --dtype={dtype}; use float32, bfloat16, float16 or auto")
     if device_type == "cpu" and dtype == "float16":
         raise UserError("--dtype=float16 is not supported on CPU; use --dtype=float32 (fastest on CPU)")
     if device_type == "cuda" and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
@@ -65,19 +90,98 @@ def autocast_context(device: str, dtype: str):
     return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
 
 
+def is_compiler_failure(e: BaseException) -> bool:
+    """A failure of torch.compile's own machinery (no working C compiler, Triton missing, a backend
+    or Dynamo crash), as opposed to what the model would raise without compiling as well (a bad id,
+    out of memory, a shape bug), which must surface rather than be retried in eager mode."""
+    import torch._dynamo.exc as dynamo_exc
+    import torch._inductor.exc as inductor_exc
+    if isinstance(e, dynamo_exc.BackendCompilerFailed):  # InductorError too; look at what the backend hit
+        return not isinstance(e.inner_exception, (UserError, torch.OutOfMemoryError, MemoryError))
+    return isinstance(e, (dynamo_exc.InternalTorchDynamoError, dynamo_exc.InvalidBackend,
+                          inductor_exc.InvalidCxxCompiler, inductor_exc.CppCompileError,
+                          inductor_exc.TritonMissing, inductor_exc.GPUTooOldForTriton,
+                          inductor_exc.OperatorIssue, inductor_exc.CppWrapperCodegenError))
+
+
 def compile_model(model: torch.nn.Module, first_call) -> torch.nn.Module:
     """torch.compile(model), or the model itself with a warning where compiling fails (no C compiler,
     an unsupported platform or Python version). torch.compile only compiles at the first call, so
-    first_call(compiled) makes that call here, where a failure can still fall back to eager."""
-    try:
-        compiled = torch.compile(model)
-        first_call(compiled)
-        return compiled
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        print(f"warning: torch.compile failed ({type(e).__name__}: {reason}); running without it "
+    first_call(compiled) makes that call here, where a compiler failure can still fall back to eager;
+    any other error in that call (see is_compiler_failure) propagates."""
+    def eager(e: Exception) -> torch.nn.Module:
+        print(f"warning: torch.compile failed ({type(e).__name__}: {first_line(e)}); running without it "
               "(pass --compile=False to skip the attempt)", file=sys.stderr)
         return model
+
+    try:
+        compiled = torch.compile(model)  # only wraps the model: whatever fails here is torch.compile's
+    except Exception as e:
+        return eager(e)
+    try:
+        first_call(compiled)
+    except Exception as e:
+        if not is_compiler_failure(e):
+            raise
+        return eager(e)
+    return compiled
+
+
+# peak FLOP/s, what MFU is measured against
+
+# Dense (no sparsity) peaks from the vendors' spec sheets: (a substring of torch.cuda.get_device_name,
+# bf16/fp16 tensor cores, fp32 matmuls: TF32 tensor cores where the GPU has them, since train.py turns
+# TF32 on; None where not known here). The first match wins: "H100 PCIe" before "H100", "L40S" before "L4".
+GPU_PEAK_FLOPS = [
+    ("H200", 989e12, 494e12), ("H100 PCIe", 756e12, 378e12), ("H100", 989e12, 494e12),
+    ("A100", 312e12, 156e12), ("L40S", 362e12, 183e12), ("A10G", 70e12, None), ("L4", 121e12, 60e12),
+    ("4090", 165e12, 83e12), ("3090", 71e12, 36e12), ("V100", 125e12, 15.7e12), ("T4", 65e12, 8.1e12),
+]
+
+
+@functools.cache
+def measured_matmul_flops(device: str, dtype: str, threads: int) -> float:
+    """The best FLOP/s of square matmuls in dtype on device over about half a second: n = 512 and
+    1024 on CPU (the smaller one fits in cache and is often the faster), 4096 on a GPU. threads is
+    torch.get_num_threads(), part of the cache key because it sets the CPU's peak."""
+    dt, best = getattr(torch, dtype), 0.0
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        elif device == "mps":
+            torch.mps.synchronize()
+
+    for n in ((512, 1024) if device == "cpu" else (4096,)):
+        a, b = torch.randn(n, n, device=device).to(dt), torch.randn(n, n, device=device).to(dt)
+        a @ b  # warm-up: thread pools, kernel selection
+        sync()
+        start, runs = time.perf_counter(), 0
+        while runs < 3 or (time.perf_counter() - start < 0.25 and runs < 200):
+            t0 = time.perf_counter()
+            a @ b
+            sync()
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+            runs += 1
+    return best
+
+
+def peak_flops(device: str, dtype: str) -> tuple[float, str]:
+    """(peak FLOP/s, a short description) for MFU: the spec-sheet value of a known GPU, else a matmul
+    peak measured here once per process (CPU, MPS, unknown GPUs). A nominal CPU peak (cores x FMA
+    width x clock) is far above what PyTorch reaches, and a guessed one can put MFU above 100%."""
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        for key, half, fp32 in GPU_PEAK_FLOPS:
+            peak = fp32 if dtype == "float32" else half
+            if key in name and peak is not None:
+                kind = "tf32" if dtype == "float32" and key not in ("V100", "T4") else short
+                return peak, f"the {key} spec-sheet {kind} peak of {peak / 1e12:.0f} TFLOP/s (dense)"
+    threads = torch.get_num_threads()
+    peak = measured_matmul_flops(device, dtype, threads)
+    where = f"{threads} thread{'s' * (threads > 1)}" if device == "cpu" else device
+    return peak, f"a {short} matmul peak of {peak / 1e9:,.0f} GFLOP/s measured at startup ({where})"
 
 
 # -----------------------------------------------------------------------------
@@ -87,8 +191,8 @@ GPT2_EOT = 50256
 
 
 def gpt2_encoding():
-    """tiktoken's GPT-2 BPE. Offline, point GPT2_BPE_DIR at a folder holding gpt2.tiktoken
-    (e.g. ../shared/data/gpt2-bpe); otherwise tiktoken downloads (and caches) it."""
+    """tiktoken's GPT-2 BPE. Offline, point GPT2_BPE_DIR at a folder holding gpt2.tiktoken (OpenAI's
+    r50k_base file); otherwise tiktoken downloads (and caches) it."""
     import tiktoken
     bpe_dir = os.environ.get("GPT2_BPE_DIR")
     if not bpe_dir:
@@ -161,6 +265,22 @@ class CharTable:
                             "remove them from the prompt")
         return ids
 
+    def unknown(self, text: str, eot_id: int | None = None) -> np.ndarray:
+        """(len(text),) bool: True at each character the vocabulary has no entry for (encoding turns
+        it into unk_id, or fails); with eot_id, as encode, <|endoftext|> is known. Callers that must not
+        hide text behind [UNK] check this first."""
+        cp = self.code_points(text)
+        ids = self.lut[cp]
+        if self.unk_id is None:
+            mask = ids < 0
+        else:
+            own = self.itos[self.unk_id]  # a one-character unk entry is also a character of the vocab
+            mask = (ids == self.unk_id) & (cp != (ord(own) if len(own) == 1 else -1))
+        if eot_id is not None:
+            for m in re.finditer(re.escape(EOT_TEXT), text):
+                mask[m.start():m.end()] = False
+        return mask
+
     def encode(self, text: str, eot_id: int | None = None) -> list[int]:
         """A prompt: <|endoftext|> in it becomes eot_id, as tiktoken allows for GPT-2."""
         parts = text.split(EOT_TEXT) if eot_id is not None else [text]
@@ -190,15 +310,42 @@ def _bert_display(token: str) -> str:
 # datasets: data/<dataset>/{train,val}.bin (+ meta.pkl where the tokenizer needs one)
 
 
+class PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles plain data only: dict, list, tuple, str, int, float, bool, None (built by pickle's
+    own opcodes) and the few constructors below. Any other global, such as os.system in a pickle
+    crafted to run code, is refused before it is called: a downloaded dataset folder cannot run
+    anything through its meta.pkl."""
+
+    ALLOWED = {
+        ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "bytearray"),
+        ("_codecs", "encode"),  # how protocols 0-2 pickle bytes
+        ("numpy", "dtype"),  # numpy scalars (e.g. a vocab_size of type np.int64) and their dtypes
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str):
+        module = "builtins" if module == "__builtin__" else module  # protocols 0-2 write Python 2's name
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it would call {module}.{name}")
+        return super().find_class(module, name)
+
+
 def load_meta(data_dir: str) -> dict | None:
     path = os.path.join(data_dir, "meta.pkl")
     if not os.path.exists(path):
         return None
     try:
         with open(path, "rb") as f:
-            return pickle.load(f)
+            meta = PlainDataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path} holds more than plain data ({first_line(e)}); refusing to load it: "
+                        "re-create it with the dataset's prepare.py") from None
     except Exception as e:
-        raise UserError(f"{path} is unreadable ({e}); re-run the dataset's prepare.py") from None
+        raise UserError(f"{path} is unreadable ({first_line(e)}); re-run the dataset's prepare.py") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} is not a dataset's meta.pkl (a {type(meta).__name__}, not a dict); "
+                        "re-run the dataset's prepare.py")
+    return meta
 
 
 def tokenizer_spec_from_meta(meta: dict | None) -> dict:
@@ -277,23 +424,72 @@ def save_checkpoint(ckpt: dict, path: str):
             os.remove(tmp)
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
+class Inert:
+    """What torch_load(..., inert_globals=True) builds for an object of a class it does not admit (an
+    omegaconf DictConfig in a Lightning checkpoint, say): nothing of the class is imported or run;
+    `qualname` records its name, `args` what it was built from and `state` what it was restored with."""
+
+    qualname = "?"
+
+    def __new__(cls, *args, **kwargs):
+        self = object.__new__(cls)
+        self.args, self.state = args, None
+        return self
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self):
+        return f"Inert({self.qualname})"
+
+
+def _inert_globals(path: str) -> list:
+    """(stand-in, "module.name") for every global in path's pickle that weights_only does not admit:
+    an Inert subclass named after it; a defaultdict (omegaconf keeps one in every node) becomes a plain
+    dict, since unpickling fills it item by item and weights_only allows that for dicts only."""
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    return [(_empty_dict if name == "collections.defaultdict" else type(name, (Inert,), {"qualname": name}), name)
+            for name in names]
+
+
+def _empty_dict(*default_factory) -> dict:
+    return {}
+
+
+def torch_load(path: str, what: str, hint: str = "", inert_globals: bool = False, map_location="cpu"):
+    """torch.load(weights_only=True): tensors, storages and plain containers only, so no pickled code
+    runs. A file that is not there, not a torch.save file or asks for other code is a one-line
+    UserError naming `what` (and `hint`, how to fix it). inert_globals=True also reads files that
+    pickled objects of other libraries: each such class becomes an Inert record (see Inert), still
+    under weights_only. Warnings torch raises are shown only if the load succeeds."""
+    hint = f"; {hint}" if hint else ""
     if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}; train one first or pass the right --out_dir")
+        raise UserError(f"no {what} at {path}{hint}")
     try:
-        with warnings.catch_warnings(record=True) as caught:  # shown below, only if the load succeeds
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        stand_ins = _inert_globals(path) if inert_globals else []
+        with warnings.catch_warnings(record=True) as caught, torch.serialization.safe_globals(stand_ins):
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         # torch's own message suggests weights_only=False, the unsafe way out: say what happened instead
         if blocked := re.search(r"GLOBAL (\S+)", str(e)):
             reason = f"unpickling it would call {blocked.group(1)}, which weights_only=True refuses"
-        elif "Weights only load failed" in str(e):
+        elif "Weights only load failed" in str(e) or "Expected input to be a checkpoint" in str(e):
             reason = "not a torch.save file"
         else:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"{path} is not a loadable checkpoint ({reason}); it is corrupt or not from this repo") from None
+            reason = first_line(e)
+        raise UserError(f"{path} is not a loadable {what} ({reason}){hint}") from None
     for w in caught:
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return obj
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}; train one first or pass the right --out_dir")
+    ckpt = torch_load(path, "checkpoint", "it is corrupt or not from this repo", map_location=map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt or ckpt.get("model_type") not in MODELS:
         raise UserError(f"{path} is not a checkpoint of this repo (no model/model_type entry)")
     return ckpt
@@ -323,3 +519,15 @@ def load_pretrained(init_from: str, dropout: float = 0.0, model_type: str | None
         raise UserError(f"--init_from={init_from} is a {found_type} model but model_type={model_type}; "
                         f"pass --model_type={found_type}")
     return MODELS[found_type].from_pretrained(init_from, override_args={"dropout": dropout}), tokenizer_spec
+
+
+def load_model(init_from: str = "resume", out_dir: str = "out", device: str = "cpu") -> tuple[GPT, "Tokenizer"]:
+    """What sample.py and every experiment load: init_from='resume' reads out_dir/ckpt.pt (a model
+    trained here); anything else is pretrained weights (gpt2*, backpack-small or a local Hugging Face
+    directory, see load_pretrained). Returns (model in eval mode on device, its tokenizer)."""
+    if init_from == "resume":
+        ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+        model, tokenizer_spec = model_from_checkpoint(ckpt), ckpt["tokenizer"]
+    else:
+        model, tokenizer_spec = load_pretrained(init_from)
+    return model.eval().to(device), Tokenizer(tokenizer_spec)

@@ -70,8 +70,10 @@ def _read_config_file(path: str) -> dict:
 
 
 def _help(cfg_class) -> str:
-    """Keys, defaults and the comment written beside each field in the dataclass source."""
-    comments = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", inspect.getsource(cfg_class), re.M))
+    """Keys, defaults and the comment written beside each field in the dataclass source (and in the
+    sources of the dataclasses it extends, as bench.py's config extends train.py's)."""
+    source = "".join(inspect.getsource(c) for c in reversed(cfg_class.__mro__) if dataclasses.is_dataclass(c))
+    comments = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", source, re.M))
     lines = [f"options (python {os.path.basename(sys.argv[0])} [config/file.py ...] [--key=value ...]):"]
     for f in dataclasses.fields(cfg_class):
         lines.append(f"  --{f.name}={f.default!r}" + (f"  # {comments[f.name]}" if f.name in comments else ""))

@@ -1,4 +1,4 @@
-# Backpack-Small as in the paper (Hewitt et al. 2023; docs/backpack-spec.md 1.10): 12 layers, 12 heads,
+# Backpack-Small as in the paper (Hewitt et al. 2023; docs/architecture.md section 4): 12 layers, 12 heads,
 # d=768, 16 senses, sense MLP 4d, context 512, OpenWebText (python data/openwebtext/prepare.py),
 # 1024 sequences x 512 tokens = 524,288 tokens per step, 100k steps (~52B tokens).
 # Hardware: one node of 8 GPUs (A100/H100 80 GB): 32 sequences x 4 micro-steps per GPU.

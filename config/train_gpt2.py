@@ -1,5 +1,8 @@
 # GPT-2 124M from scratch on OpenWebText: nanoGPT's reproduction, and really a GPT (model_type='gpt';
 # the seed's version of this file trained a Backpack). Data: python data/openwebtext/prepare.py
+# One difference from nanoGPT's run: weight decay applies to the Linear matrices only, not to the
+# token and position embeddings (nanoGPT decays every 2-D parameter, embeddings included); see
+# GPT.configure_optimizers. Expect a slightly different loss curve.
 # 12 sequences x 1024 tokens x 40 micro-steps (5 per GPU on 8 GPUs) = 491,520 tokens per step,
 # 600k steps (~295B tokens).
 #   torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py

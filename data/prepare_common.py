@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from common import CharTable, Tokenizer, UserError, gpt2_encoding  # noqa: E402
+from common import CharTable, Tokenizer, UserError, first_line, gpt2_encoding  # noqa: E402
 
 SPLITS = ("train", "val", "test")
 CHUNK_TOKENS = 1 << 24  # tokens per step when writing the bins (32-64 MB of RAM)
@@ -215,8 +215,7 @@ def load_hub_dataset(name: str, args: argparse.Namespace, hint: str = ""):
         return load_dataset(name, split="train", revision=args.revision or None, num_proc=args.num_proc,
                             cache_dir=args.cache_dir or None)
     except Exception as e:  # offline, not found, or a dataset that still needs a loading script
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise UserError(f"could not load {name} from the Hugging Face hub ({first_line}); {hint}") from None
+        raise UserError(f"could not load {name} from the Hugging Face hub ({first_line(e, 300)}); {hint}") from None
 
 
 def iter_hub_docs(ds, key: str) -> Iterator[str]:
@@ -245,8 +244,7 @@ def bert_chinese_spec(source: str) -> dict:
             from huggingface_hub import hf_hub_download
             path = hf_hub_download(source, "vocab.txt")
         except Exception as e:
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise UserError(f"could not get vocab.txt of {source!r} from the Hugging Face hub ({first_line}); "
+            raise UserError(f"could not get vocab.txt of {source!r} from the Hugging Face hub ({first_line(e)}); "
                             f"download https://huggingface.co/{BERT_CHINESE_HUB}/resolve/main/vocab.txt and pass "
                             "--vocab=path/to/vocab.txt") from None
     with open(path, encoding="utf-8") as f:

@@ -26,7 +26,8 @@ def test_defaults_and_overrides(tmp_path):
     config_file.write_text("import math\nbatch_size = 32\nlearning_rate = 1e-3  # comment\n_private = 1\n")
     cfg = parse_config(Cfg, [str(config_file), "--batch_size=64", "--out_dir=123", "--compile=False"])
     assert cfg == Cfg(out_dir="123", batch_size=64, learning_rate=1e-3, compile=False)
-    assert parse_config(Cfg, ["--learning_rate=1", "--flag=True"]).learning_rate == 1.0  # int -> float
+    lr = parse_config(Cfg, ["--learning_rate=1", "--flag=True"]).learning_rate
+    assert lr == 1.0 and type(lr) is float  # an int given for a float field becomes a float
     assert parse_config(Cfg, ["--flag=None"]).flag is None
 
 
@@ -44,6 +45,8 @@ def test_later_wins(tmp_path):
     (["--batch_size=3.5"], "config key 'batch_size' expects int, got float 3.5"),
     (["--batch_size=abc"], "config key 'batch_size' expects int, got str 'abc'"),
     (["--compile=1"], "config key 'compile' expects bool, got int 1"),
+    (["--batch_size=True"], "config key 'batch_size' expects int, got bool True"),  # bool is an int subclass
+    (["--learning_rate=False"], "config key 'learning_rate' expects float, got bool False"),
     (["--batch_size"], "has no value; write --batch_size=VALUE"),
     (["config/does_not_exist.py"], "config file config/does_not_exist.py not found"),
 ])
@@ -70,3 +73,9 @@ def test_cli_error_is_one_line_without_traceback():
     out = subprocess.run([sys.executable, "train.py", "--n_layers=2"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.strip() == "error: unknown config key 'n_layers'; did you mean --n_layer?"
+
+
+def test_a_float_field_from_a_config_file_is_a_float(tmp_path):
+    config_file = tmp_path / "c.py"
+    config_file.write_text("learning_rate = 3\n")
+    assert type(parse_config(Cfg, [str(config_file)]).learning_rate) is float

