@@ -142,17 +142,27 @@ def test_overfit_one_batch(model_type):
     assert loss.item() < 0.3
 
 
-def test_flops_and_mfu(model_type):
+def test_flops_match_a_hand_count(model_type):
+    """6 FLOPs per parameter per token, plus attention 12 * L * d * T per token (PaLM); the Backpack's
+    sense network counts once per distinct id, and alpha + mixing add 6 * T * d * (1 + k) per token."""
+    d, L, k, B = 32, 2, 4, 3
     model = tiny(model_type)
-    gpt_flops = tiny("gpt").flops_per_token(T)
+    idx = torch.tensor([[1, 2, 3, 1, 2, 3], [4, 4, 4, 4, 4, 4], [1, 5, 5, 5, 5, 5]])  # 5 distinct ids
+    Tn = idx.size(1)
+    block = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (4 * d * d + 4 * d) + (4 * d * d + d)
+    trunk = L * block + V * d + 2 * d  # layers, the tied wte/lm_head, ln_f (no position embeddings)
+    expected = (6 * trunk + 12 * L * d * Tn) * B * Tn
     if model_type == "backpack":
-        assert model.flops_per_token(T) > gpt_flops
-    mfu, estimate = model.estimate_mfu(fwdbwd_per_iter=4, dt=0.1, device="cpu")
-    assert mfu > 0 and estimate
+        sense_net = 3 * 2 * d + (4 * d * d + 4 * d) + (4 * d * d + d) + (4 * d * d + 4 * d) + (4 * d * k * d + k * d)
+        sense_weights = 2 * d * d + 2 * d
+        expected += 6 * sense_weights * B * Tn + 6 * sense_net * 5 + 6 * Tn * d * (1 + k) * B * Tn
+        assert model.get_num_params() == trunk + sense_net + sense_weights
+    assert model.flops_per_fwdbwd(idx) == expected
+    assert model.estimate_mfu(idx, fwdbwd_per_iter=4, dt=0.5, peak_flops=1e9) == pytest.approx(expected * 4 / 0.5 / 1e9)
 
 
 # -----------------------------------------------------------------------------
-# Backpack: the formula of ../shared/docs/backpack-spec.md section 1, written out slowly
+# Backpack: the formula of docs/architecture.md, written out slowly
 
 
 def reference_senses(model: Backpack, ids):
@@ -224,18 +234,150 @@ def test_sense_vectors_are_context_free_and_chunked():
     assert model.sense_vectors(ids[:0]).shape == (0, 4, 32)
 
 
+def grads(model, loss) -> dict:
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def test_unique_id_path_matches_per_position_path():
     """The sense network runs once per distinct id unless dropout is active; both give the same
     logits and the same gradients."""
     model = perturb_(tiny("backpack"))
     idx = torch.randint(0, 10, (3, T))  # many repeats
-    logits_u, _ = model(idx, idx)
+    logits_u, loss_u = model(idx, idx)
+    g_u = grads(model, loss_u)
     per_pos = model.sense_network(model.transformer.wte(idx))  # (B, T, k, d)
-    assert torch.allclose(model._senses(idx), per_pos, atol=1e-7)
+    assert torch.allclose(model._raw_senses(idx), per_pos, atol=1e-6)
     model.config.dropout = 0.1  # the flag alone switches to the per-position path; modules keep p=0
     model.train()
-    logits_p, _ = model(idx, idx)
-    assert torch.allclose(logits_u, logits_p, atol=1e-6)
+    assert model._sense_rows(idx) == idx.numel()
+    logits_p, loss_p = model(idx, idx)
+    g_p = grads(model, loss_p)
+    assert torch.allclose(logits_u, logits_p, atol=1e-5)
+    assert g_u.keys() == g_p.keys()
+    for name in g_u:
+        assert torch.allclose(g_u[name], g_p[name], atol=1e-5), name
+
+
+def test_fused_mixing_equals_explicit_alpha():
+    """forward mixes senses with a fused attention (alpha never materialized); logits and gradients
+    equal sum_l alpha_l @ senses_l computed from contextualization()."""
+    model = perturb_(tiny("backpack"))
+    idx = torch.randint(0, V, (2, T))
+    logits, _ = model(idx)
+    g_fused = grads(model, (logits * torch.linspace(-1, 1, V)).sum())
+    alpha = model.contextualization(idx)  # (B, k, T, T)
+    explicit = model.lm_head(torch.einsum("blij,bjld->bid", alpha, model.senses(idx)))
+    g_explicit = grads(model, (explicit * torch.linspace(-1, 1, V)).sum())
+    assert torch.allclose(logits, explicit, atol=1e-5)
+    for name in g_fused:
+        assert torch.allclose(g_fused[name], g_explicit[name], atol=1e-5), name
+
+
+def assert_same(out, g, out_ref, g_ref):
+    assert torch.allclose(out, out_ref, atol=1e-5)
+    assert g.keys() == g_ref.keys()
+    for name in g:
+        assert torch.allclose(g[name], g_ref[name], atol=1e-5), name
+
+
+def test_logit_space_mixing_equals_explicit_alpha():
+    """A vocabulary narrower than the model (character level) mixes each sense's logits, with alpha
+    summed per distinct id (_mixed_logits): logits and gradients equal lm_head(sum_l alpha_l @ senses_l)
+    from contextualization(), and the d-space path that a hook (or dropout) selects."""
+    model = perturb_(tiny("backpack", vocab_size=20))  # V = 20 < d = 32
+    idx = torch.randint(0, 20, (3, T))  # ids repeat
+    assert model._mixes_logits(idx)
+    w = torch.linspace(-1, 1, 20)
+    logits, _ = model(idx)
+    g = grads(model, (logits * w).sum())
+    explicit = model.lm_head(torch.einsum("blij,bjld->bid", model.contextualization(idx), model.senses(idx)))
+    assert_same(logits, g, explicit, grads(model, (explicit * w).sum()))
+    with model.hooked(lambda ids, senses: senses):
+        assert not model._mixes_logits(idx)
+        hooked, _ = model(idx)
+        assert_same(logits, g, hooked, grads(model, (hooked * w).sum()))
+
+
+def test_cpu_mixing_equals_fused_attention():
+    """On CPU, _mix is one matmul over the joint (j, l) axis rather than SDPA's math kernel: the
+    same output and gradients as the fused attention that runs on GPUs."""
+    model = tiny("backpack")
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, T, 8, requires_grad=True), torch.randn(2, 4, T, 8, requires_grad=True)
+    senses = torch.randn(2, T, 4, 32, requires_grad=True)
+    w = torch.randn(2, T, 32)
+    out = model._mix(q, k, senses)
+    fused = F.scaled_dot_product_attention(q, k, senses.transpose(1, 2), is_causal=True,
+                                           scale=model.sense_weights.scale).sum(1)
+    assert torch.allclose(out, fused, atol=1e-5)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), (q, k, senses)),
+                    torch.autograd.grad((fused * w).sum(), (q, k, senses))):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [{}, dict(sense_norm="rms", sense_base_residual="embedding")])
+def test_logit_space_mixing_compiles_without_graph_breaks(variant):
+    """Also with the opt-in sense departures of tests/test_variants.py."""
+    from torch._dynamo.utils import counters
+    model = perturb_(tiny("backpack", vocab_size=20, **variant))
+    idx = torch.randint(0, 20, (2, T))
+    counters.clear()
+    logits, loss = torch.compile(model)(idx, idx)
+    loss.backward()
+    assert sum(counters["graph_break"].values()) == 0
+    assert torch.allclose(logits, model(idx)[0], atol=1e-5)
+
+
+def test_flops_count_the_logit_space_mixing():
+    """In logit space the LM head runs on the U*k senses instead of the B*T outputs, and the mixing is
+    k*U*V wide instead of k*T*d."""
+    model = tiny("backpack", vocab_size=20)
+    idx = torch.tensor([[1, 2, 3, 1, 2, 3], [4, 4, 4, 4, 4, 4], [1, 5, 5, 5, 5, 5]])  # 5 distinct ids
+    B, Tn, d, k, V, U = 3, 6, 32, 4, 20, 5
+    fast = model.flops_per_fwdbwd(idx)
+    with model.hooked(lambda ids, senses: senses):
+        slow = model.flops_per_fwdbwd(idx)
+    assert slow - fast == 6 * V * d * (B * Tn - U * k) + 6 * k * (Tn * d - U * V) * B * Tn
+
+
+def test_backpack_dropout_trains_is_seeded_and_off_in_eval():
+    model = tiny("backpack", dropout=0.3)
+    idx = torch.randint(0, V, (4, T + 1))
+    x, y = idx[:, :-1], idx[:, 1:]
+    model.eval()
+    a, _ = model(x)
+    b, _ = model(x)
+    assert torch.equal(a, b)  # eval: no dropout anywhere
+    model.train()
+    torch.manual_seed(5)
+    c, _ = model(x)
+    torch.manual_seed(5)
+    d, _ = model(x)
+    torch.manual_seed(6)
+    e, _ = model(x)
+    assert torch.equal(c, d) and not torch.allclose(c, e) and not torch.allclose(a, c)
+    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
+    first = None
+    for _ in range(40):
+        _, loss = model(x, y)
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first - 0.5
+
+
+def test_mlp_dropout_is_applied():
+    """Dropout on the MLP branch of every block (and of the sense block): in train mode an MLP's output
+    has zeros where a plain Linear would not."""
+    model = tiny("backpack", dropout=0.5).train()
+    for mlp in (model.transformer.h[0].mlp, model.sense_network.mlp):
+        torch.manual_seed(0)
+        out = mlp(torch.randn(64, 32))
+        assert (out == 0).float().mean() > 0.3
+    assert model.sense_network.final_mlp.dropout.p == 0.0  # the paper: no dropout on the senses
 
 
 def test_backpack_has_no_final_ln_and_uses_the_gpt_trunk():
