@@ -1,7 +1,7 @@
 """
 Convert an official backpacks-flash-attn training checkpoint (a PyTorch Lightning .ckpt from
 downloads.cs.stanford.edu/nlp/data/backpacks-acl2023/) into a Hugging Face directory that this repo
-loads with --init_from (train.py, sample.py) or from_pretrained:
+loads with --init_from (train.py, sample.py) and transformers loads with its Auto classes:
 
     python convert_flash_ckpt.py --ckpt=backpack-small-flash-fp16.ckpt --export_dir=hf-backpack-small
     python sample.py --init_from=hf-backpack-small --start="The capital of France is"
@@ -10,12 +10,18 @@ loads with --init_from (train.py, sample.py) or from_pretrained:
 Backpacks (micro 6/6/384, mini 8/8/640, small 12/12/768, the sense-count ablations k = 1/4/16/64 and
 the "shrink" model, whose sense MLPs are d wide) are written in the backpack-gpt2 layout; the
 Transformer baselines (gpt2-*-flash-fp16.ckpt) as a GPT2LMHeadModel directory. Sizes are read off the
-tensors; n_head is not visible in any shape, so it comes from the checkpoint's hyper-parameters, else
-from the official model of that width, else --n_head.
+tensors. n_head is in no shape: --n_head wins when given, else the checkpoint's hyper-parameters, else
+the official model of that width.
 
-The flash key names are inferred (../shared/docs/backpack-spec.md section 2.3) and were never checked
-against a real file: every tensor's shape is checked, and a missing or unexpected key stops the
-conversion with its name.
+The file is read without running any of its pickled code and with nothing beyond requirements.txt:
+torch's weights-only unpickler admits tensors and plain containers, and every other object Lightning
+pickled (the omegaconf DictConfig of hyper_parameters, say) becomes an inert record that is searched
+as data (common.torch_load). Only the `model.` entries are weights; metric counters, optimizer and loop
+states are left out. The copies of the embeddings the official modules share (the LM head, the sense
+network's and the Backpack's own `transformer.embeddings`) are checked equal and kept once. The 50264
+rows of the official vocabulary are cut to GPT-2's 50257 ids (hf.py says why). The key names follow
+docs/architecture.md section 5; every tensor's shape is checked, and a missing or unexpected key stops
+the conversion with its name.
 """
 
 import re
@@ -23,50 +29,65 @@ from dataclasses import dataclass
 
 import torch
 
-from common import UserError, build_model
+import hf
+from common import Inert, UserError, build_model, torch_load
 from configurator import run_cli
-from hf import load_mapped
 from model import GPT
 
 BACKPACK_TRUNK = "transformer.gpt2_model."  # where the Backpack keeps its GPT-2; a baseline has it at "transformer."
 SENSE = "transformer.content_model."
-HEADS_BY_WIDTH = {384: 6, 640: 8, 768: 12}  # micro, mini, small (spec 1.9)
+HEADS_BY_WIDTH = {384: 6, 640: 8, 768: 12}  # micro, mini, small (docs/architecture.md 2.9)
+PLAIN_DEPTH = 32  # how deep pickled records are unpacked into plain data (cuts reference cycles)
 
 
 @dataclass
 class ConvertConfig:
     ckpt: str = ""  # the Lightning .ckpt (or a plain state dict) to convert
     export_dir: str = ""  # write the Hugging Face directory here
-    n_head: int = 0  # attention heads; 0 = from the checkpoint's hyper-parameters or the official sizes
-    scale_attn_by_inverse_layer_idx: bool = True  # every official model (Backpacks and baselines) uses it
-    unsafe_pickle: bool = False  # allow a full unpickle (runs code!) if weights_only loading fails; trusted files only
+    n_head: int = 0  # attention heads; 0 = from the checkpoint's hyper-parameters, else the official sizes
+    scale_attn_by_inverse_layer_idx: bool | None = None  # None = the hyper-parameters' value, else True (all official models)
 
 
-def read_checkpoint(path: str, unsafe_pickle: bool) -> tuple[dict, object]:
-    """(state dict without Lightning's `model.` prefix, hyper-parameters or None)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=not unsafe_pickle)
-    except FileNotFoundError:
-        raise UserError(f"no checkpoint at {path}") from None
-    except Exception as e:
-        first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} cannot be read as tensors only ({first_line}); Lightning may have pickled "
-                        "its training config into it. If you trust the file, rerun with --unsafe_pickle=True") from None
+def read_checkpoint(path: str) -> tuple[dict, object]:
+    """(model state dict without Lightning's `model.` prefix, hyper-parameters as plain data or None)."""
+    ckpt = torch_load(path, "checkpoint", inert_globals=True)
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
+    if not tensors:
         raise UserError(f"{path} holds no state dict of tensors (under 'state_dict' or at the top level)")
-    if all(k.startswith("model.") for k in state):  # the LightningModule keeps the network in self.model
-        state = {k[len("model."):]: v for k, v in state.items()}
-    return state, ckpt.get("hyper_parameters")
+    # The LightningModule keeps the network in self.model; its metrics (train_metrics.num-tokens.count,
+    # ...) sit beside it in the same state dict and are not weights.
+    if any(k.startswith("model.") for k in tensors):
+        tensors = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    return tensors, plain(ckpt.get("hyper_parameters")) if isinstance(ckpt, dict) else None
+
+
+def plain(obj, depth: int = 0):
+    """Pickled records as plain data: an omegaconf container is its `_content`, a node its `_val`, any
+    other record its state; dicts and lists are unpacked in turn."""
+    if depth > PLAIN_DEPTH:
+        return None
+    if isinstance(obj, Inert):
+        state = obj.state if isinstance(obj.state, dict) else {}
+        for field in ("_content", "_val"):  # omegaconf's DictConfig/ListConfig and ValueNode
+            if field in state:
+                return plain(state[field], depth + 1)
+        return {k: plain(v, depth + 1) for k, v in state.items() if k != "_parent"}
+    if isinstance(obj, dict):
+        return {k: plain(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v, depth + 1) for v in obj]
+    return obj
 
 
 def find_key(obj: object, key: str):
-    """The first value of `key` anywhere in nested mappings (hydra configs nest the model config)."""
-    if hasattr(obj, "items"):
-        for k, v in obj.items():
-            found = v if k == key else find_key(v, key)
-            if found is not None:
-                return found
+    """The first value of `key` anywhere in nested dicts and lists (hydra nests the model config)."""
+    if isinstance(obj, dict):
+        if obj.get(key) is not None:
+            return obj[key]
+        obj = list(obj.values())
+    if isinstance(obj, list):
+        return next((found for v in obj if (found := find_key(v, key)) is not None), None)
     return None
 
 
@@ -74,7 +95,7 @@ def flash_names(n_layer: int, trunk: str) -> dict:
     """our key prefix -> flash key prefix. The flash trunk is written in "Add -> LN" form: ln_0
     normalizes the embeddings, layers.i.norm1 follows layer i's attention and layers.i.norm2 its MLP.
     So GPT-2's h.i.ln_1 is layers.{i-1}.norm2 (ln_0 for i = 0), h.i.ln_2 is layers.i.norm1, and ln_f is
-    the last norm2 (spec 2.3). All flash Linears are nn.Linear (out, in), like ours: no transposes."""
+    the last norm2 (docs/architecture.md 5.1). All flash Linears are nn.Linear (out, in), like ours: no transposes."""
     names = {"transformer.wte.": trunk + "embeddings.word_embeddings.",
              "transformer.wpe.": trunk + "embeddings.position_embeddings.",
              "transformer.ln_f.": trunk + f"layers.{n_layer - 1}.norm2."}
@@ -96,6 +117,18 @@ def flash_names(n_layer: int, trunk: str) -> dict:
     return names
 
 
+def tied_copies(trunk: str) -> dict:
+    """flash key of a copy -> flash key it repeats. The LM head is the trunk's word embedding; a
+    Backpack lists the trunk's embedding module twice more: as the sense network's and as its own
+    `transformer.embeddings` (docs/architecture.md 2.1)."""
+    word, position = trunk + "embeddings.word_embeddings.weight", trunk + "embeddings.position_embeddings.weight"
+    tied = {"lm_head.weight": word}
+    if trunk == BACKPACK_TRUNK:
+        for module in (SENSE + "embeddings.", "transformer.embeddings."):
+            tied.update({module + "word_embeddings.weight": word, module + "position_embeddings.weight": position})
+    return tied
+
+
 def model_args(state: dict, trunk: str, hparams: object, cfg: ConvertConfig, source: str) -> tuple[str, dict]:
     """(model_type, config fields) read off the tensor shapes."""
     def shape(key):
@@ -110,9 +143,12 @@ def model_args(state: dict, trunk: str, hparams: object, cfg: ConvertConfig, sou
     n_head = int(cfg.n_head or find_key(hparams, "n_head") or HEADS_BY_WIDTH.get(d, 0))
     if not n_head or d % n_head:
         raise UserError(f"{source}: cannot tell n_head for width {d} (got {n_head or 'none'}); pass --n_head")
+    scale_attn = cfg.scale_attn_by_inverse_layer_idx
+    if scale_attn is None:
+        scale_attn = find_key(hparams, "scale_attn_by_inverse_layer_idx") is not False
     args = dict(vocab_size=vocab_size, n_embd=d, n_layer=len(layers), n_head=n_head,
                 block_size=shape(trunk + "embeddings.position_embeddings.weight")[0], bias=True, dropout=0.0,
-                scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx)
+                scale_attn_by_inverse_layer_idx=scale_attn)
     if trunk != BACKPACK_TRUNK:
         return "gpt", args
     kd, hidden = shape(SENSE + "final_mlp.fc2.weight")[0], shape(SENSE + "final_mlp.fc1.weight")[0]
@@ -128,28 +164,22 @@ def convert(state: dict, hparams: object, cfg: ConvertConfig, source: str) -> tu
     model_type, args = model_args(state, trunk, hparams, cfg, source)
     model = build_model(model_type, **args)
     prefixes = flash_names(args["n_layer"], trunk)
-    names = {}
-    for key in model.state_dict():
-        if key != "lm_head.weight":
-            prefix = max((p for p in prefixes if key.startswith(p)), key=len)
-            names[key] = prefixes[prefix] + key[len(prefix):]
-    # the LM head and the sense network's embedding module are the trunk's embeddings (spec 1.2)
-    tied = {"lm_head.weight": trunk + "embeddings.word_embeddings.weight",
-            SENSE + "embeddings.word_embeddings.weight": trunk + "embeddings.word_embeddings.weight",
-            SENSE + "embeddings.position_embeddings.weight": trunk + "embeddings.position_embeddings.weight"}
-    load_mapped(model, {k: v.float() for k, v in state.items()}, names, tied, source)
+    names = {key: hf.rename(key, prefixes) for key in model.state_dict() if key != "lm_head.weight"}
+    hf.load_mapped(model, {k: v.float() for k, v in state.items()}, names, tied_copies(trunk), source)
     return model_type, model
 
 
 def main(cfg: ConvertConfig):
     if not cfg.ckpt or not cfg.export_dir:
         raise UserError("pass --ckpt=path/to/file.ckpt and --export_dir=where/to/write")
-    state, hparams = read_checkpoint(cfg.ckpt, cfg.unsafe_pickle)
+    state, hparams = read_checkpoint(cfg.ckpt)
     model_type, model = convert(state, hparams, cfg, cfg.ckpt)
-    model.save_pretrained(cfg.export_dir, {"kind": "gpt2"})
+    written = hf.save_pretrained(model, cfg.export_dir, {"kind": "gpt2"})
     c = model.config
     senses = f", k={c.n_senses}, sense MLPs {c.sense_intermediate_scale}d" if model_type == "backpack" else ""
-    print(f"converted {model_type} ({c.n_layer} layers, {c.n_head} heads, d={c.n_embd}{senses}, vocab {c.vocab_size}, "
+    vocab = (f"vocab {written['padded_vocab_size']} cut to GPT-2's {written['vocab_size']}"
+             if written["vocab_size"] < written["padded_vocab_size"] else f"vocab {c.vocab_size}")
+    print(f"converted {model_type} ({c.n_layer} layers, {c.n_head} heads, d={c.n_embd}{senses}, {vocab}, "
           f"{c.block_size} positions, {model.get_num_params() / 1e6:.2f}M parameters) to {cfg.export_dir}")
 
 

@@ -4,24 +4,37 @@ Weights in and out of the two Hugging Face layouts this repo speaks:
 - "gpt2": a `transformers.GPT2LMHeadModel` directory (OpenAI's GPT-2 on the hub, or what export writes
   for one of our GPTs);
 - "backpack-gpt2": the published Backpack, `stanfordnlp/backpack-gpt2` (config.json = GPT2Config fields
-  plus num_senses and sense_intermediate_scale; keys under `backpack.` as listed in
-  ../shared/docs/backpack-spec.md section 2).
+  plus num_senses and sense_intermediate_scale; keys under `backpack.`, tabled in docs/architecture.md
+  section 5).
 
-Weight files are read directly (safetensors, or torch.load(weights_only=True)): no downloaded code is
-ever run, so the Backpack needs no trust_remote_code. One table per layout (`HFLayout`) drives both
-directions, so a name is mapped in exactly one place. `GPT.from_pretrained` / `save_pretrained` in
-model.py delegate here; common.load_pretrained resolves train.py's and sample.py's --init_from.
+Reading: weight files are read directly (safetensors, or torch.load(weights_only=True)): no downloaded
+code is ever run, so this repo loads a Backpack without trust_remote_code. One table per layout
+(`HFLayout`) drives both directions, so a name is mapped in exactly one place (`rename`, which the
+flash converter uses too). `GPT.from_pretrained` / `save_pretrained` in model.py delegate here;
+common.load_pretrained resolves train.py's and sample.py's --init_from.
+
+Writing (export_hf.py, convert_flash_ckpt.py): an export is a directory that transformers' Auto
+classes load as what it is. A GPT is a GPT2LMHeadModel directory. A Backpack declares model_type
+"backpack-gpt2" with an auto_map to the modeling code in hf_remote/, copied in, so transformers builds
+it with trust_remote_code=True and refuses without (never a GPT-2). Both get tokenizer files that
+AutoTokenizer loads and that encode and decode exactly as common.Tokenizer. A padded vocabulary is cut
+to the tokenizer's ids: the padding rows are never inputs, so no logit of a real id changes, and no
+probability is left on ids no tokenizer can print.
 """
 
 import json
 import os
 import re
+import shutil
+import sys
 from dataclasses import dataclass, field
 
 import torch
 
-from common import GPT2_EOT, UserError
-from model import GPT, Backpack, LayerNorm
+from common import EOT_TEXT, GPT2_EOT, Tokenizer, UserError, first_line, gpt2_encoding, torch_load
+from model import VARIANT_FIELDS, GPT, Backpack
+
+REMOTE_CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_remote")
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")  # in order of preference
@@ -45,7 +58,14 @@ class HFLayout:
     tied: dict  # HF key of a tied copy -> HF key of the tensor it repeats; files may omit the copies
     linear_keys: tuple = ()  # our c_attn/c_fc/c_proj weights that HF keeps as nn.Linear, not Conv1D
     config_fields: dict = field(default_factory=dict)  # our config field -> config.json field, beyond the trunk
+    # like config_fields, but a config.json may lack them (the published one does): then our default holds
+    optional_fields: dict = field(default_factory=dict)
     base_prefix: str = ""  # files saved from the bare base model lack it (e.g. the original gpt2 weights)
+    json_model_type: str = "gpt2"  # config.json "model_type" of an export
+    auto_map: dict = field(default_factory=dict)  # config.json "auto_map": class -> hf_remote module.class
+    # The value a config.json without scale_attn_by_inverse_layer_idx means: the default of the config
+    # class that reads the format (GPT2Config: False; the published BackpackGPT2Config: True).
+    scale_attn_default: bool = False
 
 
 GPT2_LAYOUT = HFLayout(
@@ -61,12 +81,15 @@ BACKPACK_LAYOUT = HFLayout(
     repos={"backpack-small": "stanfordnlp/backpack-gpt2", "backpack-gpt2": "stanfordnlp/backpack-gpt2"},
     renames={
         "transformer.": "backpack.gpt2_model.",
-        "sense_network.ln_0.": "backpack.sense_network.ln.",  # LN_0 of spec 1.4
+        "sense_network.ln_0.": "backpack.sense_network.ln.",  # ln_0 of docs/architecture.md 2.3
         "sense_network.ln_1.": "backpack.sense_network.block.ln_1.",
         "sense_network.ln_2.": "backpack.sense_network.block.ln_2.",
         "sense_network.mlp.": "backpack.sense_network.block.mlp.",
         "sense_network.final_mlp.": "backpack.sense_network.final_mlp.",
         "sense_weights.": "backpack.sense_weight_net.",
+        # parameters of the opt-in sense_norm (absent from the paper's model)
+        "sense_network.norm_weight": "backpack.sense_network.norm_weight",
+        "sense_network.ln_senses.": "backpack.sense_network.ln_senses.",
     },
     # HF shares these modules (word_embeddings = gpt2_model.wte etc.), so a state dict lists them twice
     tied={"lm_head.weight": "backpack.gpt2_model.wte.weight",
@@ -74,16 +97,26 @@ BACKPACK_LAYOUT = HFLayout(
           "backpack.position_embeddings.weight": "backpack.gpt2_model.wpe.weight"},
     linear_keys=("sense_weights.c_attn.weight",),
     config_fields={"n_senses": "num_senses", "sense_intermediate_scale": "sense_intermediate_scale"},
+    optional_fields={name: name for name in VARIANT_FIELDS},
+    json_model_type="backpack-gpt2",
+    auto_map={"AutoConfig": "configuration_backpack_gpt2.BackpackGPT2Config",
+              "AutoModelForCausalLM": "modeling_backpack_gpt2.BackpackGPT2LMHeadModel"},
+    scale_attn_default=True,
 )
 
 LAYOUTS = {GPT: GPT2_LAYOUT, Backpack: BACKPACK_LAYOUT}  # model class -> its Hugging Face layout
 
 
-def hf_key(layout: HFLayout, our_key: str) -> str:
-    prefix = max((p for p in layout.renames if our_key.startswith(p)), key=len, default=None)
+def rename(key: str, renames: dict) -> str:
+    """key under another naming: the longest prefix of key in renames is replaced by its value."""
+    prefix = max((p for p in renames if key.startswith(p)), key=len, default=None)
     if prefix is None:
-        raise KeyError(f"{our_key} has no {layout.name} name")
-    return layout.renames[prefix] + our_key[len(prefix):]
+        raise KeyError(f"{key} has no name in this layout")
+    return renames[prefix] + key[len(prefix):]
+
+
+def hf_key(layout: HFLayout, our_key: str) -> str:
+    return rename(our_key, layout.renames)
 
 
 def is_conv1d(layout: HFLayout, our_key: str) -> bool:
@@ -113,9 +146,8 @@ def _download(repo_id: str) -> str:
                         hf_hub_download(repo_id, shard)
             return folder
     except Exception as e:  # no network, no such repo, no config.json: say so in one line
-        first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise UserError(f"could not download {repo_id} from the Hugging Face hub ({type(e).__name__}: "
-                        f"{first_line}); offline, pass a local directory holding config.json and the weights") from None
+                        f"{first_line(e)}); offline, pass a local directory holding config.json and the weights") from None
     raise UserError(f"found none of {', '.join(WEIGHT_FILES)} for {repo_id}, neither on the Hugging Face hub nor "
                     "(offline) in its cache")
 
@@ -153,20 +185,22 @@ def read_weights(folder: str) -> dict:
     state_dict = {}
     for file in files:
         path = os.path.join(folder, file)
+        if not file.endswith(".safetensors"):
+            state_dict.update(torch_load(path, "weight file"))
+            continue
+        from safetensors.torch import load_file
         try:
-            if file.endswith(".safetensors"):
-                from safetensors.torch import load_file
-                state_dict.update(load_file(path))
-            else:
-                state_dict.update(torch.load(path, map_location="cpu", weights_only=True))
+            state_dict.update(load_file(path))
         except Exception as e:
-            raise UserError(f"{path} is not a readable weight file ({type(e).__name__}: {str(e)[:200]})") from None
+            raise UserError(f"{path} is not a loadable weight file ({type(e).__name__}: {first_line(e)})") from None
     return state_dict
 
 
 def layout_of(config: dict) -> HFLayout:
-    """The published Backpack's config.json is a GPT2Config plus num_senses."""
-    return BACKPACK_LAYOUT if "num_senses" in config else GPT2_LAYOUT
+    """The published Backpack's config.json is a GPT2Config (model_type gpt2) plus num_senses; our
+    exports say model_type backpack-gpt2."""
+    is_backpack = "num_senses" in config or config.get("model_type") == BACKPACK_LAYOUT.json_model_type
+    return BACKPACK_LAYOUT if is_backpack else GPT2_LAYOUT
 
 
 def identify(name_or_path: str) -> tuple[str, dict]:
@@ -188,9 +222,13 @@ def identify(name_or_path: str) -> tuple[str, dict]:
 
 def model_args_from_config(config: dict, layout: HFLayout, cls: type[GPT], source: str) -> dict:
     """Our config fields from a config.json, refusing the GPT2Config options our model does not have."""
-    fields = {**TRUNK_FIELDS, **layout.config_fields}
+    fields = {**TRUNK_FIELDS, **layout.config_fields, **layout.optional_fields}
     defaults = cls.config_class()
     args = {ours: config.get(theirs, getattr(defaults, ours)) for ours, theirs in fields.items()}
+    if "scale_attn_by_inverse_layer_idx" not in config:
+        args["scale_attn_by_inverse_layer_idx"] = layout.scale_attn_default
+        print(f"warning: {source}/config.json does not set scale_attn_by_inverse_layer_idx; using "
+              f"{layout.scale_attn_default}, the default of the {layout.name} format", file=sys.stderr)
     for required in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", *layout.config_fields.values()):
         if required not in config:
             raise UserError(f"{source}/config.json has no {required}")
@@ -272,7 +310,11 @@ def load_pretrained(cls: type[GPT], name_or_path: str, override_args: dict | Non
         raise UserError(f"{folder} holds a {layout_of(config).model_type} model in the {layout_of(config).name} "
                         f"layout, not a {layout.model_type}; load it with model_type={layout_of(config).model_type}")
     args = model_args_from_config(config, layout, cls, folder)
-    model = cls(cls.config_class(**args, dropout=override_args.get("dropout", 0.0)))
+    try:
+        model_config = cls.config_class(**args, dropout=override_args.get("dropout", 0.0))
+    except ValueError as e:  # an opt-in field with a value this version does not know
+        raise UserError(f"{folder}/config.json: {e}") from None
+    model = cls(model_config)
     load_state_dict_from_hf(model, read_weights(folder), layout, folder)
     return model
 
@@ -281,42 +323,158 @@ def load_pretrained(cls: type[GPT], name_or_path: str, override_args: dict | Non
 # out
 
 
-def hf_config(model: GPT, layout: HFLayout, tokenizer_spec: dict) -> dict:
+def tokenizer_vocab_size(tokenizer_spec: dict) -> int:
+    """How many ids the tokenizer can emit (GPT-2's without building its BPE)."""
+    return GPT2_EOT + 1 if tokenizer_spec.get("kind") == "gpt2" else Tokenizer(tokenizer_spec).vocab_size
+
+
+def hf_config(model: GPT, layout: HFLayout, tokenizer_spec: dict, vocab_size: int) -> dict:
     c = model.config
-    fields = {**TRUNK_FIELDS, **layout.config_fields}
+    fields = {**TRUNK_FIELDS, **layout.config_fields, **layout.optional_fields}
     # GPT-2's special tokens only exist if the vocabulary is GPT-2's (transformers warns otherwise)
-    eot = GPT2_EOT if tokenizer_spec.get("kind") == "gpt2" and c.vocab_size > GPT2_EOT else None
+    eot = GPT2_EOT if tokenizer_spec.get("kind") == "gpt2" and vocab_size > GPT2_EOT else None
+    if tokenizer_spec.get("kind") != "gpt2" and vocab_size >= tokenizer_vocab_size(tokenizer_spec):
+        eot = Tokenizer(tokenizer_spec).eot_id
     return {
-        "architectures": [layout.architecture], "model_type": "gpt2",
-        **{theirs: getattr(c, ours) for ours, theirs in fields.items()},
+        "architectures": [layout.architecture], "model_type": layout.json_model_type,
+        **({"auto_map": layout.auto_map} if layout.auto_map else {}),
+        **{theirs: getattr(c, ours) for ours, theirs in fields.items()}, "vocab_size": vocab_size,
         "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
         "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout, "initializer_range": 0.02,
         "scale_attn_weights": True, "reorder_and_upcast_attn": False, "tie_word_embeddings": True,
+        # the Backpack's remote code keeps no cache: generate() must not hand it one
+        "use_cache": layout is GPT2_LAYOUT,
         "bos_token_id": eot, "eos_token_id": eot, TOKENIZER_KEY: tokenizer_spec,
     }
 
 
-def hf_state_dict(model: GPT, layout: HFLayout) -> dict:
-    """Our weights under HF names (tied copies left out), Conv1D weights transposed, and zero biases
-    where a bias=False model has none, since GPT-2 in transformers always has them."""
+def hf_state_dict(model: GPT, layout: HFLayout, vocab_size: int) -> dict:
+    """Our weights under HF names (tied copies left out), Conv1D weights transposed, the embedding cut
+    to vocab_size rows, and zero biases where a bias=False model has none, since GPT-2 in transformers
+    always has them."""
     out = {}
     for key, tensor in model.state_dict().items():
         if key != "lm_head.weight":
+            tensor = tensor[:vocab_size] if key == "transformer.wte.weight" else tensor
             tensor = tensor.t() if is_conv1d(layout, key) else tensor
             out[hf_key(layout, key)] = tensor.detach().cpu().clone(memory_format=torch.contiguous_format)
     for name, module in model.named_modules():
-        if isinstance(module, (LayerNorm, torch.nn.Linear)) and module.bias is None and name != "lm_head":
+        if isinstance(module, (torch.nn.LayerNorm, torch.nn.Linear)) and module.bias is None and name != "lm_head":
             weight = module.weight
             out[hf_key(layout, f"{name}.bias")] = weight.new_zeros(weight.shape[0], device="cpu")
     return out
 
 
-def save_pretrained(model: GPT, export_dir: str, tokenizer_spec: dict | None = None):
-    """See GPT.save_pretrained."""
+def save_pretrained(model: GPT, export_dir: str, tokenizer_spec: dict | None = None) -> dict:
+    """See GPT.save_pretrained. Returns what was written: {"vocab_size", "padded_vocab_size",
+    "tokenizer_files"}. Tokenizer files are written when the model covers the tokenizer's ids (tiny
+    test models with fewer rows than GPT-2's vocabulary get none)."""
     from safetensors.torch import save_file
     layout = LAYOUTS[type(model)]
+    tokenizer_spec = tokenizer_spec or GPT2_TOKENIZER
+    padded, n_tokens = model.config.vocab_size, tokenizer_vocab_size(tokenizer_spec)
+    vocab_size = min(padded, n_tokens)  # the padding rows past the tokenizer's ids are cut
     os.makedirs(export_dir, exist_ok=True)
     with open(os.path.join(export_dir, "config.json"), "w") as f:
-        json.dump(hf_config(model, layout, tokenizer_spec or GPT2_TOKENIZER), f, indent=2)
+        json.dump(hf_config(model, layout, tokenizer_spec, vocab_size), f, indent=2)
     # metadata format=pt: transformers refuses safetensors files without it
-    save_file(hf_state_dict(model, layout), os.path.join(export_dir, "model.safetensors"), metadata={"format": "pt"})
+    save_file(hf_state_dict(model, layout, vocab_size), os.path.join(export_dir, "model.safetensors"),
+              metadata={"format": "pt"})
+    if layout.auto_map:  # the modeling code transformers runs for model_type backpack-gpt2
+        for module in {ref.split(".")[0] for ref in layout.auto_map.values()}:
+            shutil.copy(os.path.join(REMOTE_CODE_DIR, module + ".py"), export_dir)
+    if n_tokens <= padded:
+        save_tokenizer(tokenizer_spec, export_dir, model.config.block_size)
+    return {"vocab_size": vocab_size, "padded_vocab_size": padded, "tokenizer_files": n_tokens <= padded}
+
+
+# -----------------------------------------------------------------------------
+# tokenizer files: what AutoTokenizer loads, encoding and decoding exactly as common.Tokenizer
+
+
+def _byte_chars() -> dict:
+    """GPT-2's byte -> printable character table: printable Latin-1 bytes stand for themselves, the
+    other 68 bytes for the code points from 256 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+def gpt2_vocab_and_merges(encoding) -> tuple[dict, list]:
+    """GPT-2's vocab.json and merges.txt, rebuilt from tiktoken's ranks: a token of rank r is the merge
+    that byte-pair encoding its bytes with the merges below r leaves as two parts. (This gives back
+    OpenAI's encoder.json and vocab.bpe exactly.)"""
+    ranks = {b: encoding.encode_single_token(b) for b in encoding.token_byte_values()}
+    table = _byte_chars()
+
+    def printable(b: bytes) -> str:
+        return "".join(table[x] for x in b)
+
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:  # merge the lowest-ranked adjacent pair, as BPE does
+            best, i = min((ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1))
+            if best >= rank:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) == 2:
+            merges.append((printable(parts[0]), printable(parts[1])))
+    return {**{printable(b): r for b, r in ranks.items()}, EOT_TEXT: GPT2_EOT}, merges
+
+
+def _char_vocab(tok: Tokenizer) -> tuple[dict, list]:
+    """({key: id}, keys that print as nothing) for a one-token-per-character vocabulary. A character
+    is the key of the lowest id showing it (the id encoding gives it, as CharTable); a later id showing
+    the same text gets "##" in front (a decoder rule strips it: Chinese BERT's ##x entries keep their
+    names); ids that print as nothing (BERT's [PAD], [CLS], [unusedN], ...) keep their raw names."""
+    raw = tok.spec["vocab"] if tok.spec["kind"] == "bert-chinese" else tok.chars.itos
+    vocab = {EOT_TEXT: tok.eot_id} if tok.eot_id is not None else {}
+    hidden = []
+    for i, shown in enumerate(tok.chars.itos):
+        if i == tok.eot_id:
+            continue
+        if not shown:
+            key = raw[i] if raw[i] and raw[i] not in vocab else f"<|hidden{i}|>"
+            hidden.append(key)
+        else:
+            key = shown
+            while key in vocab:
+                key = "##" + key
+        vocab[key] = i
+    return vocab, hidden
+
+
+def save_tokenizer(tokenizer_spec: dict, export_dir: str, max_length: int):
+    """tokenizer.json and tokenizer_config.json for AutoTokenizer. GPT-2: byte-level BPE from tiktoken's
+    ranks, <|endoftext|> special. Character kinds: a word-level tokenizer over single characters whose
+    decoder joins tokens without spaces; <|endoftext|> is special when the vocabulary has it."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+    from transformers import PreTrainedTokenizerFast
+    if tokenizer_spec.get("kind") == "gpt2":
+        try:
+            encoding = gpt2_encoding()
+        except UserError:
+            raise
+        except Exception as e:  # offline without a cached BPE
+            raise UserError(f"writing the GPT-2 tokenizer files needs the GPT-2 BPE ({first_line(e)}); go online "
+                            "once (tiktoken caches it) or set GPT2_BPE_DIR to a folder holding gpt2.tiktoken") from None
+        backend = Backend(models.BPE(*gpt2_vocab_and_merges(encoding)))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        eot = unk = EOT_TEXT
+    else:
+        tok = Tokenizer(tokenizer_spec)
+        vocab, hidden = _char_vocab(tok)
+        unk_key = next((k for k, i in vocab.items() if i == tok.chars.unk_id), "<|no unknown characters|>")
+        backend = Backend(models.WordLevel(vocab, unk_token=unk_key))
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one per character
+        rules = [decoders.Replace(Regex(r"^(?:##)+(?=.)"), "")]
+        if hidden:
+            rules.append(decoders.Replace(Regex("^(?:" + "|".join(re.escape(k) for k in hidden) + ")$"), ""))
+        backend.decoder = decoders.Sequence([*rules, decoders.Fuse()])
+        eot, unk = (EOT_TEXT if tok.eot_id is not None else None), None
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=eot, eos_token=eot, unk_token=unk,
+                                   clean_up_tokenization_spaces=False, model_max_length=max_length)
+    fast.save_pretrained(export_dir)

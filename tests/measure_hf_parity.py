@@ -2,7 +2,8 @@
 Parity of pretrained loading and export at full size: max |difference| between our models and the
 references of tests/test_pretrained.py (GPT-2 124M, Backpack-Small 170M, Backpack-Micro for the flash
 converter; random weights, every parameter perturbed) on one batch of 2 x 512 tokens, loading and
-exporting. Offline, CPU, a minute or two:
+exporting. Offline (with GPT2_BPE_DIR: exports write GPT-2's tokenizer files), CPU, a minute
+or two:
 
     python tests/measure_hf_parity.py
 """
@@ -17,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from safetensors.torch import save_file  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import convert_flash_ckpt  # noqa: E402
 from model import GPT, Backpack  # noqa: E402
@@ -63,9 +64,13 @@ def main():
         print(f"backpack-small-size (12x768, k 16, V 50264, 512 positions): max |logits diff| "
               f"{max_diff(ours(x)[0], logits):.2e} (|logits| up to {logits.abs().max():.1f}), "
               f"max |contextualization diff| {max_diff(ours.contextualization(x), alpha):.2e}")
-        ours.save_pretrained(os.path.join(folder, "export"))
+        ours.save_pretrained(os.path.join(folder, "export"))  # the padding rows past GPT-2's 50257 ids are cut
         back = Backpack.from_pretrained(os.path.join(folder, "export")).eval()
-        print(f"  exported and loaded back: max |logits diff| {max_diff(back(x)[0], ours(x)[0]):.2e}")
+        x, mine = ids(50257, 512), ours(ids(50257, 512))[0][..., :50257]
+        print(f"  exported and loaded back: max |logits diff| {max_diff(back(x)[0], mine):.2e}")
+        remote = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "export"), trust_remote_code=True).eval()
+        print(f"  exported to transformers (its shipped modeling code): max |logits diff| "
+              f"{max_diff(remote(x).logits, mine):.2e} (|logits| up to {mine.abs().max():.1f})")
 
     with tempfile.TemporaryDirectory() as folder:
         state = flash_state_dict(n_layer=6, d=384, vocab_size=50264, positions=512, n_senses=16, std=0.02)
@@ -73,8 +78,8 @@ def main():
         convert_flash_ckpt.main(convert_flash_ckpt.ConvertConfig(ckpt=os.path.join(folder, "x.ckpt"),
                                                                  export_dir=os.path.join(folder, "hf")))
         ours = Backpack.from_pretrained(os.path.join(folder, "hf")).eval()
-        x = ids(50264, 512)
-        reference = flash_logits(state, x, n_head=6, n_senses=16)
+        x = ids(50257, 512)
+        reference = flash_logits(state, x, n_head=6, n_senses=16)[..., :50257]  # the export keeps GPT-2's ids
         print(f"flash micro (6x384, k 16): max |logits diff| {max_diff(ours(x)[0], reference):.2e} "
               f"(|logits| up to {reference.abs().max():.1f})")
 

@@ -10,11 +10,16 @@ sections 1.4-1.6 and 2.2); for the flash checkpoints, `flash_logits`, the spec's
 directly on the flash state dict.
 """
 
+import collections
+import contextlib
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
+import types
+import typing
 
 import numpy as np
 import pytest
@@ -25,7 +30,7 @@ import torch.nn.functional as F
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 from safetensors.torch import save_file  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model  # noqa: E402
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, GPT2Model  # noqa: E402
 from transformers.activations import ACT2FN  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
@@ -38,14 +43,11 @@ from model import GPT, Backpack, build_model  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL_DOWNLOAD = hf._download
-SHARED_DATA = os.path.join(REPO, "..", "shared", "data")
 
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
-    """GPT-2 BPE from the shared tiktoken file, and no hub access: a download attempt fails the test."""
-    monkeypatch.setenv("GPT2_BPE_DIR", os.path.join(SHARED_DATA, "gpt2-bpe"))
-
+    """No hub access: a download attempt fails the test. (GPT-2 BPE: conftest's gpt2_bpe fixture.)"""
     def no_network(repo_id):
         raise AssertionError(f"test tried to download {repo_id}")
     monkeypatch.setattr(hf, "_download", no_network)
@@ -428,12 +430,13 @@ def test_export_script_cli(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# the official flash-attn checkpoints (names inferred in spec 2.3), against the spec's math
+# the official flash-attn checkpoints (names in docs/architecture.md 5), against the math
 
 
 def flash_state_dict(n_layer=2, d=32, vocab_size=64, positions=16, n_senses=4, hidden=None, seed=0, std=0.2):
     """A random state dict with the names of backpacks-flash-attn (n_senses=None: a Transformer
-    baseline), tied copies included as the shared modules would list them."""
+    baseline), tied copies included as the shared modules list them: the LM head, and in a Backpack the
+    trunk's embedding module twice more, as the sense network's and as its own `transformer.embeddings`."""
     g = torch.Generator().manual_seed(seed)
     state = {}
 
@@ -460,7 +463,9 @@ def flash_state_dict(n_layer=2, d=32, vocab_size=64, positions=16, n_senses=4, h
     state["lm_head.weight"] = wte
     if n_senses:
         c, hidden = "transformer.content_model.", hidden or 4 * d
-        state[c + "embeddings.word_embeddings.weight"], state[c + "embeddings.position_embeddings.weight"] = wte, wpe
+        for module in (c, "transformer."):
+            state[module + "embeddings.word_embeddings.weight"] = wte
+            state[module + "embeddings.position_embeddings.weight"] = wpe
         ln(c + "ln_0")
         ln(c + "layers.0.norm1")
         ln(c + "layers.0.norm2")
@@ -473,7 +478,7 @@ def flash_state_dict(n_layer=2, d=32, vocab_size=64, positions=16, n_senses=4, h
 
 
 def flash_logits(state, idx, n_head, n_senses=None):
-    """Spec 1.3-1.6 on the flash state dict, its trunk in "Add -> LN" form: LN after each residual add."""
+    """The math of docs/architecture.md 2 on the flash state dict, its trunk in "Add -> LN" form."""
     def ln(x, name):
         return F.layer_norm(x, x.shape[-1:], state[name + ".weight"], state[name + ".bias"], 1e-5)
 
@@ -513,28 +518,175 @@ def flash_logits(state, idx, n_head, n_senses=None):
     return torch.einsum("blij,bjld->bid", alpha, senses) @ wte.T
 
 
-def save_lightning(path, state, n_head=None):
-    hparams = {"cfg": {"model": {"config": {"n_head": n_head}}}} if n_head else {}
-    torch.save({"state_dict": {"model." + k: v for k, v in state.items()}, "hyper_parameters": hparams,
-                "epoch": 3, "global_step": 1000}, path)
+# Lightning pickles the Hydra config as omegaconf objects. These classes pickle the way omegaconf's do
+# (a container's state holds _metadata, _parent and _content; a node's holds _val), under omegaconf's
+# module names; the modules exist only while a fixture is saved, so loading cannot import them.
+
+class _Metadata:
+    def __init__(self, key=None, object_type=None):
+        self.ref_type, self.object_type, self.optional, self.key = typing.Any, object_type, True, key
+        self.flags, self.flags_root, self.resolver_cache = {}, False, collections.defaultdict(dict)
+
+
+class _AnyNode:
+    def __init__(self, value, key, parent):
+        self._metadata, self._parent, self._val = _Metadata(key), parent, value
+
+
+class _DictConfig:
+    def __init__(self, content: dict, key=None, parent=None):
+        self._metadata, self._parent, self._flags_cache = _Metadata(key, dict), parent, None
+        self._content = {k: (_DictConfig(v, k, self) if isinstance(v, dict) else _AnyNode(v, k, self))
+                         for k, v in content.items()}
+
+    def __getstate__(self):
+        return {"_metadata": self._metadata, "_parent": self._parent, "_content": self._content,
+                "_flags_cache": self._flags_cache}
+
+
+class _RunsCode:
+    """An object whose unpickling would create a file, if anything ran it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@contextlib.contextmanager
+def fake_omegaconf():
+    names = {"omegaconf": {}, "omegaconf.base": {"Metadata": _Metadata, "ContainerMetadata": _Metadata},
+             "omegaconf.nodes": {"AnyNode": _AnyNode}, "omegaconf.dictconfig": {"DictConfig": _DictConfig}}
+    saved = {cls: (cls.__module__, cls.__qualname__) for cls in (_Metadata, _AnyNode, _DictConfig)}
+    modules = {name: types.ModuleType(name) for name in names}
+    try:
+        for name, classes in names.items():
+            for attr, cls in classes.items():
+                cls.__module__, cls.__qualname__ = name, attr
+                setattr(modules[name], attr, cls)
+            sys.modules[name] = modules[name]
+        yield
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
+        for cls, (module, qualname) in saved.items():
+            cls.__module__, cls.__qualname__ = module, qualname
+
+
+def save_lightning(path, state, model_config: dict | None = None, trap: str | None = None):
+    """A checkpoint as the official code's Trainer.save_checkpoint writes it: the network under
+    `model.`, the torchmetrics token counters beside it, optimizer, scheduler, AMP, loop and callback
+    states, and the Hydra config (model sizes under model.config) as omegaconf objects."""
+    state_dict = {"model." + k: v for k, v in state.items()}
+    for split in ("train", "val", "test"):
+        state_dict[f"{split}_metrics.num-tokens.count"] = torch.tensor(524288000, dtype=torch.int64)
+    cfg = {"datamodule": {"max_length": 16, "batch_size": 128},
+           "model": {"_target_": "src.models.backpack.BackpackLMHeadModel",
+                     "config": {"_target_": "src.models.backpack.BackpackConfig", "n_positions": "${datamodule.max_length}",
+                                "reorder_and_upcast_attn": False, **(model_config or {})}},
+           "train": {"optimizer": {"_target_": "apex.optimizers.FusedAdam", "lr": 6e-4, "weight_decay": 0.1}}}
+    ckpt = {
+        "epoch": 3, "global_step": 1000, "pytorch-lightning_version": "1.8.1", "state_dict": state_dict,
+        "loops": {"fit_loop": {"state_dict": {}, "epoch_loop.state_dict": {"_batches_that_stepped": 1000},
+                               "epoch_loop.batch_progress": {"total": {"ready": 2000, "completed": 2000}}}},
+        "callbacks": {"ModelCheckpoint{'monitor': 'val/loss', 'mode': 'min'}": {
+            "best_model_score": torch.tensor(3.31), "dirpath": "checkpoints/backpack-micro-flash-fp16"}},
+        "optimizer_states": [{"state": {i: {"exp_avg": torch.randn(4), "exp_avg_sq": torch.rand(4),
+                                            "step": torch.tensor(1000.0)} for i in range(3)},
+                              "param_groups": [{"lr": 6e-4, "betas": (0.9, 0.999), "params": [0, 1, 2]}]}],
+        "lr_schedulers": [{"base_lrs": [6e-4], "last_epoch": 1000, "_step_count": 1001, "lr_lambdas": [None]}],
+        "native_amp_scaling_state": {"scale": 32768.0, "growth_factor": 2.0, "_growth_tracker": 117},
+        "hparams_name": "cfg",
+    }
+    with fake_omegaconf():
+        ckpt["hyper_parameters"], ckpt["hparams_type"] = _DictConfig(cfg), _DictConfig
+        if trap:
+            ckpt["hyper_parameters"]._content["trap"] = _RunsCode(trap)
+        torch.save(ckpt, path)
 
 
 @pytest.mark.parametrize("case", [
-    dict(n_layer=2, d=32, n_head=2, n_senses=4, hidden=128, how="hparams"),  # like micro/mini/small: I = 4d
-    dict(n_layer=1, d=40, n_head=5, n_senses=1, hidden=40, how="flag"),  # sense-count ablation: I = d
-    dict(n_layer=2, d=32, n_head=4, n_senses=None, hidden=None, how="hparams"),  # a Transformer baseline
-], ids=["backpack", "ablation-k1-shrink", "gpt-baseline"])
-def test_convert_flash_checkpoint(tmp_path, case):
-    state = flash_state_dict(n_layer=case["n_layer"], d=case["d"], n_senses=case["n_senses"], hidden=case["hidden"])
-    save_lightning(tmp_path / "x.ckpt", state, case["n_head"] if case["how"] == "hparams" else None)
-    cfg = convert_flash_ckpt.ConvertConfig(ckpt=str(tmp_path / "x.ckpt"), export_dir=str(tmp_path / "hf"),
+    dict(n_layer=2, d=32, n_head=2, n_senses=4, hidden=128, vocab=50264, how="hparams"),  # micro/mini/small: I = 4d
+    dict(n_layer=1, d=40, n_head=5, n_senses=1, hidden=40, vocab=64, how="flag"),  # sense-count ablation: I = d
+    dict(n_layer=2, d=32, n_head=4, n_senses=None, hidden=None, vocab=64, how="hparams"),  # a Transformer baseline
+    dict(n_layer=1, d=16, n_head=4, n_senses=2, hidden=64, vocab=56, how="plain"),  # a bare state dict, sizes table
+], ids=["backpack-50264", "ablation-k1-shrink", "gpt-baseline", "plain-state-dict"])
+def test_convert_official_checkpoint(tmp_path, request, monkeypatch, case):
+    """A .ckpt written like the official training code's converts with no flag (its hyper-parameters
+    are omegaconf objects of modules that are not installed) and gives the official model's logits on
+    the tokenizer's ids; the published vocabulary of 50264 rows is cut to GPT-2's 50257."""
+    if case["vocab"] > 50257:
+        request.getfixturevalue("gpt2_bpe")  # the export then writes GPT-2's tokenizer files
+    monkeypatch.setattr(convert_flash_ckpt, "HEADS_BY_WIDTH", {16: 4})
+    state = flash_state_dict(n_layer=case["n_layer"], d=case["d"], n_senses=case["n_senses"], hidden=case["hidden"],
+                             vocab_size=case["vocab"])
+    path = tmp_path / "x.ckpt"
+    if case["how"] == "plain":
+        torch.save(state, path)
+    else:
+        save_lightning(path, state, {"n_head": case["n_head"]} if case["how"] == "hparams" else {})
+        with pytest.raises(pickle.UnpicklingError):  # what the converter used to refuse
+            torch.load(path, weights_only=True)
+    cfg = convert_flash_ckpt.ConvertConfig(ckpt=str(path), export_dir=str(tmp_path / "hf"),
                                            n_head=case["n_head"] if case["how"] == "flag" else 0)
     convert_flash_ckpt.main(cfg)
+    assert "omegaconf" not in sys.modules  # nothing was imported for it
     model, _ = load_pretrained(str(tmp_path / "hf"), model_type="backpack" if case["n_senses"] else "gpt")
-    assert model.config.n_head == case["n_head"] and model.config.block_size == 16
-    x = ids(64, 16)
+    vocab = min(case["vocab"], 50257)
+    assert model.config.n_head == case["n_head"] and model.config.block_size == 16 and model.config.vocab_size == vocab
+    assert model.config.scale_attn_by_inverse_layer_idx
+    x = ids(vocab, 16)
     with torch.no_grad():
-        assert max_diff(model.eval()(x)[0], flash_logits(state, x, case["n_head"], case["n_senses"])) < 1e-4
+        official = flash_logits(state, x, case["n_head"], case["n_senses"])[..., :vocab]
+        assert max_diff(model.eval()(x)[0], official) < 1e-4
+    if case["vocab"] > 50257:  # and transformers builds it as a Backpack, with the same logits
+        theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True).eval()
+        with torch.no_grad():
+            assert max_diff(theirs(x).logits, official) < 1e-4
+
+
+def test_converter_runs_no_pickled_code(tmp_path):
+    marker = tmp_path / "ran"
+    save_lightning(tmp_path / "x.ckpt", flash_state_dict(), {"n_head": 2}, trap=str(marker))
+    convert_flash_ckpt.main(convert_flash_ckpt.ConvertConfig(ckpt=str(tmp_path / "x.ckpt"), export_dir=str(tmp_path / "hf")))
+    assert not marker.exists()
+    # globals from the modules torch never unpickles (os, sys) still stop the conversion, in one line
+    torch.save({"state_dict": flash_state_dict(), "hyper_parameters": _Shell()}, tmp_path / "y.ckpt")
+    with pytest.raises(UserError, match=r"y.ckpt is not a loadable checkpoint \(unpickling it would call posix.system"):
+        convert_flash_ckpt.main(convert_flash_ckpt.ConvertConfig(ckpt=str(tmp_path / "y.ckpt"), export_dir=str(tmp_path / "hf")))
+
+
+class _Shell:
+    def __reduce__(self):
+        return os.system, ("true",)
+
+
+def test_converter_hyper_parameters_are_plain_data(tmp_path):
+    save_lightning(tmp_path / "x.ckpt", flash_state_dict(), {"n_head": 2, "num_content_vectors": 4})
+    state, hparams = convert_flash_ckpt.read_checkpoint(str(tmp_path / "x.ckpt"))
+    assert hparams["model"]["config"]["n_head"] == 2 and hparams["datamodule"]["max_length"] == 16
+    assert hparams["model"]["config"]["n_positions"] == "${datamodule.max_length}"  # interpolations stay text
+    # only the network: no metric counters, and Lightning's `model.` prefix is gone
+    assert set(state) == set(flash_state_dict()) and not any("metrics" in k for k in state)
+
+
+@pytest.mark.parametrize("flag, hparams, table, expected", [
+    (4, 2, 8, 4),  # an explicit --n_head wins
+    (0, 2, 8, 2),  # else the checkpoint's hyper-parameters
+    (0, None, 8, 8),  # else the official model of that width
+    (0, None, None, "cannot tell n_head for width 32"),
+])
+def test_converter_n_head_precedence(tmp_path, monkeypatch, flag, hparams, table, expected):
+    monkeypatch.setattr(convert_flash_ckpt, "HEADS_BY_WIDTH", {32: table} if table else {})
+    save_lightning(tmp_path / "x.ckpt", flash_state_dict(), {"n_head": hparams} if hparams else {})
+    cfg = convert_flash_ckpt.ConvertConfig(ckpt=str(tmp_path / "x.ckpt"), n_head=flag)
+    state, found = convert_flash_ckpt.read_checkpoint(cfg.ckpt)
+    if isinstance(expected, str):
+        with pytest.raises(UserError, match=expected):
+            convert_flash_ckpt.convert(state, found, cfg, cfg.ckpt)
+    else:
+        assert convert_flash_ckpt.convert(state, found, cfg, cfg.ckpt)[1].config.n_head == expected
 
 
 def _bad_ckpt_unexpected(state):
@@ -551,28 +703,23 @@ def _bad_ckpt_block_width(state):  # block MLP 4d but final MLP d: not one model
     state["transformer.content_model.final_mlp.fc2.weight"] = torch.zeros(128, 32)
 
 
+def _bad_ckpt_untied_third_copy(state):
+    state["transformer.embeddings.word_embeddings.weight"] = state["lm_head.weight"] + 1
+
+
 @pytest.mark.parametrize("edit, message", [
     (_bad_ckpt_unexpected, "unexpected.*content_model.layers.1.norm1.weight"),
     (_bad_ckpt_missing, "missing.*layers.1.mlp.fc2.bias"),
     (_bad_ckpt_block_width, r"layers.0.mlp.fc1.weight has shape \(128, 32\), but the config implies \(32, 32\)"),
+    (_bad_ckpt_untied_third_copy, "transformer.embeddings.word_embeddings.weight differs from "
+                                  "transformer.gpt2_model.embeddings.word_embeddings.weight"),
 ])
 def test_convert_flash_checkpoint_errors(tmp_path, edit, message):
     state = flash_state_dict()
     edit(state)
-    save_lightning(tmp_path / "x.ckpt", state, n_head=2)
+    save_lightning(tmp_path / "x.ckpt", state, {"n_head": 2})
     cfg = convert_flash_ckpt.ConvertConfig(ckpt=str(tmp_path / "x.ckpt"), export_dir=str(tmp_path / "hf"))
     with pytest.raises(UserError, match=message):
-        convert_flash_ckpt.main(cfg)
-
-
-class PickledConfig:  # stands in for the omegaconf objects Lightning may pickle into hyper_parameters
-    n_head = 2
-
-
-def test_convert_refuses_pickled_code_by_default(tmp_path):
-    torch.save({"state_dict": flash_state_dict(), "hyper_parameters": PickledConfig()}, tmp_path / "x.ckpt")
-    cfg = convert_flash_ckpt.ConvertConfig(ckpt=str(tmp_path / "x.ckpt"), export_dir=str(tmp_path / "hf"))
-    with pytest.raises(UserError, match="--unsafe_pickle=True"):
         convert_flash_ckpt.main(cfg)
 
 
@@ -580,7 +727,7 @@ def test_convert_refuses_pickled_code_by_default(tmp_path):
 # train.py and sample.py --init_from a local directory
 
 
-def test_train_and_sample_init_from_local_dir(tmp_path, capsys):
+def test_train_and_sample_init_from_local_dir(tmp_path, capsys, gpt2_bpe):
     # GPT-2 BPE ids need the full 50257-row vocabulary; the rest of the model is tiny
     save_ref_backpack(tmp_path / "hf", backpack_config(n_layer=1, n_head=2, n_embd=16, num_senses=2,
                                                        vocab_size=50264, n_positions=32))
