@@ -6,8 +6,8 @@
 # passes over the ~5B characters of wiki2019zh + webtext2019zh + news2016zh.
 # Hardware/time: 8x A100, about 1.5 days (estimate from 6*N*D = 4.4e19 FLOPs, N = 148M).
 # Expected val loss: not measured yet (the seed project reported none).
-# Characters: --sense_norm=rms closed most of the Backpack's gap to its GPT twin on English characters
-# (README "Character-level Backpacks"); not measured on Chinese. The default stays the paper's Backpack.
+# Characters: --sense_norm=rms helped the Backpack on English characters and on a small Chinese sample
+# (README "Character-level Backpacks"); the default stays the paper's Backpack.
 
 out_dir = 'out-clue-small'
 eval_interval = 1000

@@ -7,8 +7,8 @@
 # Hardware/time: 8x A100, about 1.5 days (estimate from 6*N*D = 4.4e19 FLOPs, N = 148M).
 # Expected val loss: not measured yet.
 # Same model, batch and schedule as config/train_clue_small.py; only the data and names differ.
-# Characters: --sense_norm=rms closed most of the Backpack's gap to its GPT twin on English characters
-# (README "Character-level Backpacks"); not measured on Chinese. The default stays the paper's Backpack.
+# Characters: --sense_norm=rms helped the Backpack on English characters and on a small Chinese sample
+# (README "Character-level Backpacks"); the default stays the paper's Backpack.
 exec(open('config/train_clue_small.py').read())
 
 model_type = 'backpack'
