@@ -260,9 +260,8 @@ class CharTable:
     def encode_array(self, text: str) -> np.ndarray:
         ids = self.lut[self.code_points(text)]
         if self.unk_id is None and (ids < 0).any():
-            unknown = sorted({c for c in text if self.lut[ord(c)] < 0})
-            raise UserError(f"characters {unknown[:10]} are not in this model's character vocabulary; "
-                            "remove them from the prompt")
+            raise UserError(f"characters {self.unknown_chars(text)[:10]} are not in this model's character "
+                            "vocabulary; remove them from the prompt")
         return ids
 
     def unknown(self, text: str, eot_id: int | None = None) -> np.ndarray:
@@ -280,6 +279,10 @@ class CharTable:
             for m in re.finditer(re.escape(EOT_TEXT), text):
                 mask[m.start():m.end()] = False
         return mask
+
+    def unknown_chars(self, text: str, eot_id: int | None = None) -> list[str]:
+        """The distinct characters that `unknown` flags, sorted: what an error message names."""
+        return sorted({c for c, u in zip(text, self.unknown(text, eot_id)) if u})
 
     def encode(self, text: str, eot_id: int | None = None) -> list[int]:
         """A prompt: <|endoftext|> in it becomes eot_id, as tiktoken allows for GPT-2."""

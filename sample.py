@@ -110,12 +110,9 @@ def read_prompts(start: str, per_line: bool) -> list[str]:
 
 def encode(tokenizer, text: str, what: str) -> list[int]:
     """text's ids; a character a char vocabulary lacks is an error naming it, never a silent [UNK]."""
-    if tokenizer.chars is not None:
-        unknown = tokenizer.chars.unknown(text, tokenizer.eot_id)
-        if unknown.any():
-            bad = sorted({c for c, u in zip(text, unknown) if u})
-            raise UserError(f"characters {bad[:10]} are not in this model's character vocabulary; "
-                            f"remove them from the {what}")
+    if tokenizer.chars is not None and (bad := tokenizer.chars.unknown_chars(text, tokenizer.eot_id)):
+        raise UserError(f"characters {bad[:10]} are not in this model's character vocabulary; "
+                        f"remove them from the {what}")
     return tokenizer.encode(text)
 
 

@@ -34,7 +34,6 @@ import os
 import sys
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -57,7 +56,7 @@ try:
 finally:
     sys.path[:] = _path
 
-from common import (CharTable, Tokenizer, UserError, autocast_context, did_you_mean, first_line,  # noqa: E402
+from common import (Tokenizer, UserError, autocast_context, did_you_mean, first_line,  # noqa: E402
                     load_model, resolve_device, resolve_dtype)
 from configurator import run_cli  # noqa: E402
 
@@ -252,13 +251,6 @@ def strings_in(doc) -> list[str]:
     return [s for v in doc for s in strings_in(v)] if isinstance(doc, (list, tuple)) else []
 
 
-def unknown_characters(table: CharTable, text: str) -> set[str]:
-    """Characters of text the vocabulary has no id of its own for (they would be an error or [UNK])."""
-    ids = table.lut[CharTable.code_points(text)]
-    bad = (ids < 0) | (ids == (-1 if table.unk_id is None else table.unk_id))
-    return {text[i] for i in np.flatnonzero(bad)}
-
-
 def check_characters(tasks: dict, tokenizer: Tokenizer, skip: bool) -> dict:
     """For a character vocabulary: refuse, or with skip drop, the documents of each task that hold
     characters outside it. Returns {task: documents skipped}."""
@@ -267,7 +259,7 @@ def check_characters(tasks: dict, tokenizer: Tokenizer, skip: bool) -> dict:
         split = task.config.test_split if task.has_test_docs() else task.config.validation_split
         docs = task.dataset[split]
         bad = {i: chars for i, doc in enumerate(docs)
-               if (chars := set().union(*(unknown_characters(tokenizer.chars, s) for s in strings_in(doc))))}
+               if (chars := set().union(*(tokenizer.chars.unknown_chars(s) for s in strings_in(doc))))}
         if not bad:
             continue
         chars = sorted(set().union(*bad.values()))

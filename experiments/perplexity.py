@@ -88,7 +88,7 @@ def read_text(path: str, tokenizer, skip_unknown: bool) -> tuple[np.ndarray, int
         unknown = tokenizer.chars.unknown(text, tokenizer.eot_id)  # (len(text),) bool
         skipped = int(unknown.sum())
         if skipped and not skip_unknown:
-            bad = sorted({c for c, u in zip(text, unknown) if u})
+            bad = tokenizer.chars.unknown_chars(text, tokenizer.eot_id)
             raise UserError(f"{path} has {skipped} characters outside this model's vocabulary: {bad[:10]}; "
                             "pass --skip_unknown=True to leave them out")
         if skipped:  # keep the known characters, in order

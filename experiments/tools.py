@@ -42,11 +42,8 @@ def load_backpack(init_from: str, out_dir: str, device: str, tool: str) -> tuple
 def text_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     """A text's token ids. A character outside a character-level vocabulary is an error, never a
     silent [UNK]."""
-    if tokenizer.chars is not None:
-        unknown = tokenizer.chars.unknown(text, tokenizer.eot_id)
-        if unknown.any():
-            bad = sorted({c for c, u in zip(text, unknown) if u})
-            raise UserError(f"characters {bad} of {text!r} are not in this model's character vocabulary; use other words")
+    if tokenizer.chars is not None and (bad := tokenizer.chars.unknown_chars(text, tokenizer.eot_id)):
+        raise UserError(f"characters {bad} of {text!r} are not in this model's character vocabulary; use other words")
     return tokenizer.encode(text)
 
 
