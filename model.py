@@ -267,18 +267,10 @@ class GPT(nn.Module):
         seconds, as a fraction of peak_flops (common.peak_flops)."""
         return self.flops_per_fwdbwd(idx) * fwdbwd_per_iter / dt / peak_flops
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, use_cache: bool = True, repetition_penalty: float = 1.0,
-                 num_beams: int = 1, length_penalty: float = 1.0, eos_id: int | None = None,
-                 stop: Callable[[list[int]], bool] | None = None, vocab_limit: int | None = None,
-                 on_token: Callable[[torch.Tensor], None] | None = None, exact_window: bool = True,
-                 return_logits: bool = False):
-        """Continue each prompt by max_new_tokens tokens; see generate() below this class."""
-        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        use_cache=use_cache, repetition_penalty=repetition_penalty, num_beams=num_beams,
-                        length_penalty=length_penalty, eos_id=eos_id, stop=stop, vocab_limit=vocab_limit,
-                        on_token=on_token, exact_window=exact_window, return_logits=return_logits)
+    def generate(self, idx, max_new_tokens: int, **options):
+        """Continue each prompt by max_new_tokens tokens: generate() below this class, which lists the
+        options (temperature, top_k, top_p, num_beams, eos_id, use_cache, ...)."""
+        return generate(self, idx, max_new_tokens, **options)
 
 
 # -----------------------------------------------------------------------------
@@ -668,6 +660,7 @@ class _Context:
             self.cache.reorder(rows)
 
 
+@torch.no_grad()
 def generate(model: GPT, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, use_cache: bool = True, repetition_penalty: float = 1.0,
              num_beams: int = 1, length_penalty: float = 1.0, eos_id: int | None = None,
