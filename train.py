@@ -241,9 +241,7 @@ def check_fresh_start(cfg: TrainConfig) -> bool:
     if cfg.init_from == "resume" or cfg.overwrite:
         return True
     if not any(os.path.exists(os.path.join(cfg.out_dir, name)) for name in ("ckpt.pt", "ckpt_last.pt")):
-        periodic = sorted(n for n in os.listdir(cfg.out_dir) if re.fullmatch(r"ckpt_\d+\.pt", n)) \
-            if os.path.isdir(cfg.out_dir) else []
-        if periodic:
+        if periodic := periodic_checkpoints(cfg.out_dir):
             raise UserError(f"{cfg.out_dir} holds another run's checkpoints ({', '.join(periodic[:3])}); replace "
                             "them with --overwrite=True, or pass another --out_dir")
         return True
@@ -283,11 +281,18 @@ def load_resume_checkpoint(out_dir: str) -> tuple[str, dict]:
     return paths[i], ckpts[i]
 
 
-def prune_periodic_checkpoints(out_dir: str, keep: int):
-    """Remove all but the keep highest-iteration ckpt_<iter>.pt files."""
+def periodic_checkpoints(out_dir: str) -> list[str]:
+    """The ckpt_<iter>.pt files (--keep_last_n) in out_dir, lowest iteration first."""
+    if not os.path.isdir(out_dir):
+        return []
     found = sorted((int(m.group(1)), name) for name in os.listdir(out_dir)
                    if (m := re.fullmatch(r"ckpt_(\d+)\.pt", name)))
-    for _, name in found[:-keep]:
+    return [name for _, name in found]
+
+
+def prune_periodic_checkpoints(out_dir: str, keep: int):
+    """Remove all but the keep highest-iteration ckpt_<iter>.pt files."""
+    for name in periodic_checkpoints(out_dir)[:-keep]:
         os.remove(os.path.join(out_dir, name))
 
 
@@ -373,10 +378,11 @@ class Run:
         save that follows), so that the logs are this run's alone."""
         os.makedirs(self.cfg.out_dir, exist_ok=True)
         if self.fresh:
-            for name in os.listdir(self.cfg.out_dir):
-                if name in ("metrics.jsonl", "steps.jsonl", "loss.png", "ckpt_last.pt") or \
-                        re.fullmatch(r"ckpt_\d+\.pt", name):
-                    os.remove(os.path.join(self.cfg.out_dir, name))
+            out = self.cfg.out_dir
+            earlier = ["metrics.jsonl", "steps.jsonl", "loss.png", "ckpt_last.pt", *periodic_checkpoints(out)]
+            for path in (os.path.join(out, name) for name in earlier):
+                if os.path.exists(path):
+                    os.remove(path)
             self.fresh = False
 
     def save(self, path: str, evaluated: bool):

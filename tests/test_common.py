@@ -1,7 +1,6 @@
 """common.py's small helpers: one-line errors, near-miss suggestions, the plain-data meta.pkl reader,
 what counts as a compiler failure, the MFU peak, and GPT-2 decoding."""
 
-import os
 import pickle
 
 import numpy as np
@@ -10,6 +9,7 @@ import torch
 
 from common import (Tokenizer, UserError, did_you_mean, first_line, is_compiler_failure, load_meta,
                     peak_flops)
+from conftest import RunsCode
 
 
 def test_first_line():
@@ -21,14 +21,6 @@ def test_first_line():
 def test_did_you_mean_only_near_misses():
     assert did_you_mean("gtp", ["gpt", "backpack"]) == "did you mean gpt?"
     assert did_you_mean("nope", ["clue_small", "shakespeare"]) == "choose one of clue_small, shakespeare"
-
-
-class RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))

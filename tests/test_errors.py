@@ -24,7 +24,7 @@ import sample
 import train
 from common import UserError
 from configurator import run_cli
-from conftest import REPO, SHAKESPEARE, TINY_TRAIN, cli_args
+from conftest import REPO, SHAKESPEARE, TINY_TRAIN, RunsCode, cli_args
 
 TINY = cli_args(**dict(TINY_TRAIN, max_iters=2, model_type="backpack"))
 # --overwrite=True: the rows below test what comes after the check that {out} holds another run
@@ -48,16 +48,6 @@ def rewrite_meta(ws, monkeypatch):
 def vocab_size(ws) -> int:
     with open(ws / "data" / "meta.pkl", "rb") as f:
         return pickle.load(f)["vocab_size"]
-
-
-class RunsCode:
-    """Unpickling this would run a shell command: exactly what weights_only=True must refuse."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 # (id, script, argv, regex the one line must match (problem ... fix), setup(ws, monkeypatch), cli)
