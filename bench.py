@@ -8,15 +8,20 @@ its own) or generation. Any train config works, with train.py's --key=value over
     python bench.py --dataset=shakespeare --device=cpu --compare=True --block_size=256 --batch_size=4
     python bench.py config/train_shakespeare_char.py --device=cpu --mode=generate --compare=True
     python bench.py config/train_shakespeare_char.py --profile=True   # also a chrome trace per model
+    python bench.py --mode=topic --dataset=none --device=cpu --topic_tokens=512 --warmup_steps=1 --steps=5
 
 Train mode times one micro-batch per step (gradient_accumulation_steps is not used): medians (and
 minima) over `steps` timed steps after `warmup_steps`. --compile=True times the eager model too, in
 the same loop, for the compiled/eager ratio, and counts torch.compile's graph breaks. Every model
 and variant gets the same batches, interleaved step by step, so that load from other processes
 hits them alike. --compare=True does this for a GPT and a Backpack of the same trunk. Generate mode
-(eager, batch 1) times model.generate cached and uncached next to the floor: one forward pass of a
-single token. The last line printed is one JSON object with the figures. On a machine that other
-jobs share, OMP_NUM_THREADS=1 and --timer=cpu (CPU time, not elapsed time) give steadier figures.
+(eager, batch 1) times generate() cached and uncached next to the floor: one forward pass of a
+single token. Topic mode times the Backpack's topic scoring pass (experiments/steering.py: every
+sense of every token against the vocabulary, what topic_control.py and the explorer run) next to a
+bare torch.matmul of the same shapes, chunk for chunk, interleaved; --topic_tokens scores a fraction
+of the vocabulary's rows (always against all its columns) and the full pass is extrapolated from it.
+The last line printed is one JSON object with the figures. On a machine that other jobs share,
+OMP_NUM_THREADS=1 and --timer=cpu (CPU time, not elapsed time) give steadier figures.
 """
 
 import contextlib
@@ -34,13 +39,15 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from common import UserError, autocast_context, compile_model, get_batch, load_meta, peak_flops, \
     resolve_device, resolve_dtype, tokenizer_spec_from_meta
 from configurator import run_cli
-from train import TrainConfig, check_config, check_data_dir, init_model
+from generate import generate
+from runs import check_config, check_data_dir
+from train import TrainConfig, init_model
 
 
 @dataclass
 class BenchConfig(TrainConfig):
     # what to time; every other key is train.py's (model, data, device, dtype, compile, config files)
-    mode: str = "train"  # train: a training step; generate: model.generate, cached and uncached
+    mode: str = "train"  # train: a training step; generate: generate(), cached and uncached; topic: topic scoring
     compare: bool = False  # time a GPT and a Backpack with the same trunk; report Backpack/GPT
     data: str = "real"  # real: batches of data/<dataset> (or --data_dir); random: uniform random ids
     warmup_steps: int = 5  # untimed steps first (compilation, allocator, caches)
@@ -50,6 +57,7 @@ class BenchConfig(TrainConfig):
     past_block_tokens: int = 16  # generate: tokens after a block_size-token prompt; 0 skips those rows
     gen_runs: int = 1  # generate: runs of each generation row; the median is reported
     timer: str = "wall"  # wall: elapsed time; cpu: this process's CPU time, steadier on a busy machine (CPU only)
+    topic_tokens: int = 0  # topic: tokens whose senses are scored per timed pass; 0 = the whole vocabulary
 
 
 @dataclass
@@ -105,15 +113,17 @@ def max_rss_mb() -> float | None:
 
 def check_bench_config(cfg: BenchConfig):
     check_config(cfg, world_size=1)
-    choices_of = {"mode": ("train", "generate"), "data": ("real", "random"), "timer": ("wall", "cpu")}
+    choices_of = {"mode": ("train", "generate", "topic"), "data": ("real", "random"), "timer": ("wall", "cpu")}
     for key, choices in choices_of.items():
         if getattr(cfg, key) not in choices:
             raise UserError(f"unknown --{key}={getattr(cfg, key)}; choose one of {', '.join(choices)}")
     for key in ("steps", "new_tokens", "gen_runs"):
         if getattr(cfg, key) < 1:
             raise UserError(f"{key} must be positive (got {getattr(cfg, key)}); pass --{key}=N with N >= 1")
-    if min(cfg.warmup_steps, cfg.past_block_tokens) < 0:
-        raise UserError("warmup_steps and past_block_tokens must be >= 0; pass --key=N with N >= 0")
+    if min(cfg.warmup_steps, cfg.past_block_tokens, cfg.topic_tokens) < 0:
+        raise UserError("warmup_steps, past_block_tokens and topic_tokens must be >= 0; pass --key=N with N >= 0")
+    if cfg.mode == "topic" and (cfg.compare or cfg.model_type != "backpack"):
+        raise UserError("--mode=topic times a Backpack's sense scoring; pass --model_type=backpack --compare=False")
 
 
 def batch_source(cfg: BenchConfig, data_dir: str | None, meta: dict | None, vocab_size: int, device: str):
@@ -260,7 +270,7 @@ def run_train(cfg: BenchConfig, models: dict, batch, ctx, clock: Clock, device: 
 
 
 def run_generate(cfg: BenchConfig, models: dict, vocab_size: int, ctx, clock: Clock, device: str) -> dict:
-    """model.generate at batch 1 (sampling at temperature 1 from random prompt ids), cached and not,
+    """generate() at batch 1 (sampling at temperature 1 from random prompt ids), cached and not,
     within the block and past it, against the floor: next_logits on one token without a cache."""
     bs, n, p = cfg.block_size, min(cfg.new_tokens, cfg.block_size - 1), cfg.past_block_tokens
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -275,7 +285,7 @@ def run_generate(cfg: BenchConfig, models: dict, vocab_size: int, ctx, clock: Cl
     times = {(m, case): [] for m in models for case, *_ in [("floor",)] + list(cases.values())}
     with torch.no_grad(), ctx:
         for model in models.values():
-            model.eval().generate(one, 4)  # warm-up
+            generate(model.eval(), one, 4)  # warm-up
         for i in range(cfg.warmup_steps + cfg.steps):
             for m, model in models.items():
                 t0 = clock.mark()
@@ -287,7 +297,7 @@ def run_generate(cfg: BenchConfig, models: dict, vocab_size: int, ctx, clock: Cl
                 for m, model in models.items():
                     torch.manual_seed(cfg.seed)
                     t0 = clock.mark()
-                    model.generate(prompt, tokens, **kwargs)
+                    generate(model, prompt, tokens, **kwargs)
                     times[m, case].append(clock.ms(t0, clock.mark()) / tokens)
     out = {"mode": "generate", "device": device, "batch_size": 1}
     for (m, case), ms in times.items():
@@ -309,8 +319,62 @@ def run_generate(cfg: BenchConfig, models: dict, vocab_size: int, ctx, clock: Cl
         tokens = min(n, 32)
         for m, model in models.items():
             with ctx:
-                write_trace(f"{m}_generate", lambda model=model: model.generate(one, tokens),
+                write_trace(f"{m}_generate", lambda model=model: generate(model, one, tokens),
                             f"{tokens} cached tokens", clock, cfg.out_dir)
+    return out
+
+
+def run_topic(cfg: BenchConfig, model, vocab_size: int, clock: Clock, device: str) -> dict:
+    """The topic scoring pass (steering.sense_logits: the sense network, every sense's logits on the
+    vocabulary, their max, the logits on 8 topic words) over the first topic_tokens ids, against a bare
+    torch.matmul of the same shapes: per chunk of m tokens, (m*k, d) @ (d, V) into a buffer made
+    once. The pass would be that product alone if the rest were free: the ratio is its overhead."""
+    experiments = os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments")
+    if experiments not in sys.path:  # steering.py is an experiments/ module, as the scripts there import it
+        sys.path.insert(0, experiments)
+    import steering
+
+    E = model.lm_head.weight[:vocab_size]  # (V, d)
+    k, d = model.config.n_senses, model.config.n_embd
+    tokens = min(cfg.topic_tokens or vocab_size, vocab_size)
+    chunk = steering.chunk_tokens(k, vocab_size)
+    words = list(range(0, vocab_size, max(1, vocab_size // 8)))[:8]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    a = torch.randn(min(chunk, tokens) * k, d, generator=gen).to(device, E.dtype)  # (m*k, d)
+    buf = torch.empty(len(a), vocab_size, dtype=E.dtype, device=device)  # (m*k, V)
+
+    def scoring():
+        steering.sense_logits(model, vocab_size, words, rows=tokens)
+
+    def matmul():
+        for start in range(0, tokens, chunk):
+            rows = min(chunk, tokens - start) * k
+            torch.matmul(a[:rows], E.T, out=buf[:rows])  # (m*k, V)
+
+    times = {"scoring": [], "matmul": []}
+    with torch.no_grad():
+        for i in range(cfg.warmup_steps + cfg.steps):
+            for name, work in (("scoring", scoring), ("matmul", matmul)):
+                t0 = clock.mark()
+                work()
+                if i >= cfg.warmup_steps:
+                    times[name].append(clock.ms(t0, clock.mark()))
+    flop = 2 * tokens * k * d * vocab_size
+    out = {"mode": "topic", "device": device, "n_embd": d, "n_senses": k, "vocab": vocab_size, "tokens": tokens,
+           "chunk_tokens": chunk, "tflop": flop / 1e12}
+    for name, ms in times.items():
+        out[f"{name}_ms"], out[f"{name}_min_ms"] = statistics.median(ms), min(ms)
+    out["ratio"] = out["scoring_ms"] / out["matmul_ms"]
+    out["ratio_min"] = out["scoring_min_ms"] / out["matmul_min_ms"]
+    out["matmul_gflops"] = flop / out["matmul_min_ms"] / 1e6
+    out["full_pass_s"] = out["scoring_ms"] / 1000 * vocab_size / tokens  # the whole vocabulary's rows
+    out["full_matmul_s"] = out["matmul_ms"] / 1000 * vocab_size / tokens
+    print(f"\ntopic scoring of {tokens} of {vocab_size} tokens x {k} senses against {vocab_size} columns, "
+          f"chunks of {chunk} tokens ({flop / 1e12:.2f} TFLOP a pass)")
+    print(f"scoring pass {out['scoring_ms']:.1f} ms (min {out['scoring_min_ms']:.1f}), bare matmul "
+          f"{out['matmul_ms']:.1f} ms (min {out['matmul_min_ms']:.1f}, {out['matmul_gflops']:.0f} GFLOP/s)")
+    print(f"scoring/matmul: {out['ratio']:.3f} (minima: {out['ratio_min']:.3f}); the whole vocabulary: "
+          f"{out['full_pass_s']:.1f} s{'' if tokens == vocab_size else ' (extrapolated)'}")
     return out
 
 
@@ -335,15 +399,19 @@ def main(cfg: BenchConfig):
         models[model_type] = init_model(replace(cfg, model_type=model_type), meta, spec, data_dir)[0].to(device)
         print(f"{model_type}: {models[model_type].get_num_params() / 1e6:.2f}M parameters")
     vocab_size = next(iter(models.values())).config.vocab_size
-    what = f"batch {cfg.batch_size}, {cfg.data} data" if cfg.mode == "train" else "batch 1, random prompt"
+    what = {"train": f"batch {cfg.batch_size}, {cfg.data} data", "generate": "batch 1, random prompt",
+            "topic": f"{cfg.n_senses} senses"}[cfg.mode]
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     print(f"{cfg.n_layer}x{cfg.n_embd}, vocab {vocab_size}, block {cfg.block_size}, {what}; {device} {dtype}, "
           f"{torch.get_num_threads()} threads, {cfg.timer} time{load}, torch {torch.__version__}")
     clock, ctx = Clock(device, cfg.timer), autocast_context(device, dtype)
     if cfg.mode == "train":
         out = run_train(cfg, models, batch_source(cfg, data_dir, meta, vocab_size, device), ctx, clock, device, dtype)
-    else:
+    elif cfg.mode == "generate":
         out = run_generate(cfg, models, vocab_size, ctx, clock, device)
+    else:  # over the tokenizer's ids: meta.pkl's vocabulary, or GPT-2 BPE's 50257 (padded to 50304 in the model)
+        limit = meta["vocab_size"] if meta and "vocab_size" in meta else min(vocab_size, 50257)
+        out = run_topic(cfg, models["backpack"].eval(), limit, clock, device)
     out.update(threads=torch.get_num_threads(), timer=cfg.timer)
     print(json.dumps(out))
     sys.stdout.flush()

@@ -1,6 +1,7 @@
 """
 What more than one script needs, in one place: the user-facing error type, device/dtype setup,
-tokenizers, dataset metadata and batch loading, and checkpoint save/load.
+torch.compile with its fallback, peak FLOP/s, tokenizers, dataset metadata and batch loading, and the
+safe torch.load. It imports nothing else of the project (checkpoint.py holds this repo's checkpoints).
 """
 
 import contextlib
@@ -12,12 +13,10 @@ import re
 import sys
 import time
 import warnings
-from dataclasses import asdict
 
 import numpy as np
 import torch
 
-from model import MODELS, GPT, build_model
 
 
 class UserError(Exception):
@@ -114,6 +113,9 @@ def compile_model(model: torch.nn.Module, first_call) -> torch.nn.Module:
               "(pass --compile=False to skip the attempt)", file=sys.stderr)
         return model
 
+    # The Backpack runs its sense network once per distinct token id of a batch. torch.unique has a
+    # data-dependent output size; this lets torch.compile keep it inside the graph instead of breaking it.
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
     try:
         compiled = torch.compile(model)  # only wraps the model: whatever fails here is torch.compile's
     except Exception as e:
@@ -190,6 +192,10 @@ def peak_flops(device: str, dtype: str) -> tuple[float, str]:
 GPT2_EOT = 50256
 
 
+# GPT-2's pre-tokenizer (byte-level BPE runs inside each piece), also GPT2Tokenizer's for vocab.json + merges.txt
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
 def gpt2_encoding():
     """tiktoken's GPT-2 BPE. Offline, point GPT2_BPE_DIR at a folder holding gpt2.tiktoken (OpenAI's
     r50k_base file); otherwise tiktoken downloads (and caches) it."""
@@ -201,19 +207,23 @@ def gpt2_encoding():
     path = os.path.join(bpe_dir, "gpt2.tiktoken")
     if not os.path.exists(path):
         raise UserError(f"GPT2_BPE_DIR={bpe_dir} has no gpt2.tiktoken; unset it to download the BPE")
-    pat = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # GPT-2's
-    return tiktoken.Encoding(name="gpt2", pat_str=pat, mergeable_ranks=load_tiktoken_bpe(path),
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=load_tiktoken_bpe(path),
                              special_tokens={"<|endoftext|>": GPT2_EOT}, explicit_n_vocab=GPT2_EOT + 1)
 
 
 EOT_TEXT = "<|endoftext|>"  # how every tokenizer kind prints its end-of-text token
 
 
+
+
 class Tokenizer:
     """encode/decode behind one interface for every tokenizer kind a checkpoint may name:
     {'kind': 'gpt2'}; {'kind': 'char', 'itos': [...], 'eot_id': i, 'unk_id': j} (both ids optional,
     nanoGPT's metas have neither); {'kind': 'bert-chinese', 'vocab': [21128 entries]}, Chinese BERT's
-    vocab read one token per character (data/prepare_common.py says why and builds it)."""
+    vocab read one token per character (data/prepare_common.py says why and builds it). A Hugging Face
+    directory's own tokenizer files (hf.tokenizer_from_files): {'kind': 'bpe', 'ranks': {token bytes as
+    latin-1: id}, 'special': {text: id}, 'eot_id': i}, a GPT-2-style byte-level BPE read with tiktoken;
+    {'kind': 'hf-tokenizer', 'json': tokenizer.json's text, 'eot_id': i}, read with the `tokenizers` package."""
 
     def __init__(self, spec: dict):
         self.spec = spec
@@ -234,9 +244,56 @@ class Tokenizer:
             self.encode = lambda s: self.chars.encode(s, self.eot_id)
             self.decode = self.chars.decode
             self.vocab_size = len(itos)
+        elif kind == "bpe":
+            import tiktoken
+            special = spec["special"]
+            ranks = {token.encode("latin-1"): i for token, i in spec["ranks"].items()}
+            enc = tiktoken.Encoding(name="bpe", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+            ids = set(ranks.values()) | set(special.values())  # a padded vocabulary's extra ids print as nothing
+            # added tokens written in the text are those tokens, as in GPT2Tokenizer
+            self.encode = lambda s: enc.encode(s, allowed_special=set(special))
+            self.decode = lambda seq: enc.decode([i for i in seq if i in ids])
+            self.vocab_size, self.eot_id = enc.n_vocab, spec.get("eot_id")
+            self.encoding = enc  # hf.save_tokenizer writes it back out as vocab and merges
+        elif kind == "hf-tokenizer":
+            try:
+                from tokenizers import Tokenizer as Backend
+            except ImportError:
+                raise UserError("this model's tokenizer is a Hugging Face tokenizer.json; pip install tokenizers "
+                                "to read it") from None
+            backend = Backend.from_str(spec["json"])
+            backend.no_truncation()  # a tokenizer.json may ask for them; a document must keep every token
+            backend.no_padding()
+            self.vocab_size, self.eot_id = backend.get_vocab_size(with_added_tokens=True), spec.get("eot_id")
+            # no post-processor ([CLS] ... [SEP]): the text's own tokens only, as the other kinds
+            self.encode = lambda s: backend.encode(s, add_special_tokens=False).ids
+            self.decode = lambda seq: backend.decode([i for i in seq if i < self.vocab_size], skip_special_tokens=False)
         else:
             raise UserError(f"unknown tokenizer kind {kind!r} in checkpoint or meta.pkl; "
                             "re-run the dataset's prepare.py")
+
+
+# sha256 of GPT-2's vocabulary in a "bpe" spec's canonical form (see tokenizer_fingerprint): a Hugging Face
+# directory holding GPT-2's own vocab.json + merges.txt reads as a "bpe" spec that is GPT-2's tokenizer
+GPT2_FINGERPRINT = "fcad87b74700d5f4c5a5a9fe63d074b4f03a0a7ae3b3d667e58c3bde0cfb9865"
+
+
+def tokenizer_fingerprint(spec: dict) -> str:
+    """What a spec's ids stand for, as one string: two specs with the same fingerprint encode and decode
+    alike, whatever their kind. A "bpe" spec is its ranks and special tokens (hashed); "gpt2" is GPT-2's
+    (no BPE file needed); any other spec is itself."""
+    import hashlib
+    import json
+    if spec.get("kind") == "gpt2":
+        return GPT2_FINGERPRINT
+    if spec.get("kind") == "bpe":
+        canon = {"ranks": spec["ranks"], "special": spec["special"]}
+        return hashlib.sha256(json.dumps(canon, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+    return json.dumps(spec, sort_keys=True)
+
+
+def same_tokenizer(a: dict, b: dict) -> bool:
+    return tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
 
 
 class CharTable:
@@ -403,28 +460,7 @@ def get_batch(data_dir: str, split: str, meta: dict | None, batch_size: int, blo
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: self-describing dicts, written atomically, loaded with weights_only=True
-
-
-def save_checkpoint(ckpt: dict, path: str):
-    """Write to a temp file in the same folder, fsync, then rename over the old file: a crash or a
-    full disk mid-save leaves the previous checkpoint intact."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        # the rename itself is durable only once the folder's entry is on disk too
-        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+# the safe torch.load: weights_only=True, with one-line errors (checkpoints, weight files)
 
 
 class Inert:
@@ -487,50 +523,3 @@ def torch_load(path: str, what: str, hint: str = "", inert_globals: bool = False
     for w in caught:
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     return obj
-
-
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}; train one first or pass the right --out_dir")
-    ckpt = torch_load(path, "checkpoint", "it is corrupt or not from this repo", map_location=map_location)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or ckpt.get("model_type") not in MODELS:
-        raise UserError(f"{path} is not a checkpoint of this repo (no model/model_type entry)")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict) -> GPT:
-    model = build_model(ckpt["model_type"], **ckpt["model_args"])
-    model.load_state_dict(ckpt["model"])
-    return model
-
-
-def checkpoint_dict(model: GPT, tokenizer_spec: dict, **extra) -> dict:
-    """The parts of a checkpoint that describe the model itself; train state goes in extra."""
-    model_type = next(name for name, cls in MODELS.items() if type(model) is cls)
-    return {"model": model.state_dict(), "model_type": model_type, "model_args": asdict(model.config),
-            "tokenizer": tokenizer_spec, **extra}
-
-
-def load_pretrained(init_from: str, dropout: float = 0.0, model_type: str | None = None) -> tuple[GPT, dict]:
-    """--init_from of train.py and sample.py other than scratch/resume: gpt2, gpt2-medium, gpt2-large,
-    gpt2-xl, backpack-small (= backpack-gpt2), or a local directory in one of those Hugging Face layouts
-    (what export_hf.py and convert_flash_ckpt.py write). Returns (model, tokenizer spec). With
-    model_type given, a mismatch is an error raised before any weights are read."""
-    import hf  # lazily: hf imports this module
-    found_type, tokenizer_spec = hf.identify(init_from)
-    if model_type is not None and found_type != model_type:
-        raise UserError(f"--init_from={init_from} is a {found_type} model but model_type={model_type}; "
-                        f"pass --model_type={found_type}")
-    return MODELS[found_type].from_pretrained(init_from, override_args={"dropout": dropout}), tokenizer_spec
-
-
-def load_model(init_from: str = "resume", out_dir: str = "out", device: str = "cpu") -> tuple[GPT, "Tokenizer"]:
-    """What sample.py and every experiment load: init_from='resume' reads out_dir/ckpt.pt (a model
-    trained here); anything else is pretrained weights (gpt2*, backpack-small or a local Hugging Face
-    directory, see load_pretrained). Returns (model in eval mode on device, its tokenizer)."""
-    if init_from == "resume":
-        ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
-        model, tokenizer_spec = model_from_checkpoint(ckpt), ckpt["tokenizer"]
-    else:
-        model, tokenizer_spec = load_pretrained(init_from)
-    return model.eval().to(device), Tokenizer(tokenizer_spec)

@@ -42,17 +42,25 @@ def _coerce(key: str, value, typ):
             return float(value)
         if t is not type(None) and type(value) is t:
             return value
-    if str in allowed:  # a string field given something literal_eval parsed (e.g. --out_dir=123)
-        return str(value)
+    if str in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # a config file's `out_dir = 123`; on the command line the text stays verbatim
     names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
     raise UserError(f"config key '{key}' expects {names}, got {type(value).__name__} {value!r}")
 
 
-def _parse_value(raw: str):
+def _parse_value(raw: str, typ):
+    """A Python literal where the text is one (falling back to the text itself). A field that takes
+    a string keeps its text verbatim (--start=1.50 stays '1.50', --wandb_run_name=1e-3 stays '1e-3'),
+    unless the text is a quoted string literal (--stop="'\\n\\n'" is two newlines) or None where the
+    field allows it."""
     try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         return raw  # a bare string such as --device=cpu
+    allowed = typing.get_args(typ) if typing.get_origin(typ) in (typing.Union, types.UnionType) else (typ,)
+    if str in allowed and not isinstance(value, str) and not (value is None and type(None) in allowed):
+        return raw
+    return value
 
 
 def _read_config_file(path: str) -> dict:
@@ -75,14 +83,17 @@ def _help(cfg_class) -> str:
     source = "".join(inspect.getsource(c) for c in reversed(cfg_class.__mro__) if dataclasses.is_dataclass(c))
     comments = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", source, re.M))
     lines = [f"options (python {os.path.basename(sys.argv[0])} [config/file.py ...] [--key=value ...]):"]
+    aliases = getattr(cfg_class, "ALIASES", {})
     for f in dataclasses.fields(cfg_class):
-        lines.append(f"  --{f.name}={f.default!r}" + (f"  # {comments[f.name]}" if f.name in comments else ""))
+        also = "".join(f" (or --{a})" for a, name in aliases.items() if name == f.name)
+        lines.append(f"  --{f.name}={f.default!r}{also}" + (f"  # {comments[f.name]}" if f.name in comments else ""))
     return "\n".join(lines)
 
 
 def parse_config(cfg_class, argv: list[str]):
     """Build a cfg_class instance from config files and --key=value overrides."""
     types_ = _field_types(cfg_class)
+    aliases = getattr(cfg_class, "ALIASES", {})  # other names a script accepts for a key (sample.py: prompt)
     values = {}
     for arg in argv:
         if arg in ("-h", "--help"):
@@ -92,10 +103,14 @@ def parse_config(cfg_class, argv: list[str]):
             key, sep, raw = arg[2:].partition("=")
             if not sep:
                 raise UserError(f"argument {arg} has no value; write --{key}=VALUE")
-            items = {key: _parse_value(raw)}
+            key = aliases.get(key, key)
+            if key not in types_:
+                raise _unknown_key(key, types_)
+            items = {key: _parse_value(raw, types_[key])}
         else:
             items = _read_config_file(arg)
         for key, value in items.items():
+            key = aliases.get(key, key)
             if key not in types_:
                 raise _unknown_key(key, types_)
             values[key] = _coerce(key, value, types_[key])

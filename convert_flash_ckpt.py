@@ -30,12 +30,10 @@ from dataclasses import dataclass
 import torch
 
 import hf
-from common import Inert, UserError, build_model, torch_load
+from common import Inert, UserError, torch_load
 from configurator import run_cli
-from model import GPT
+from model import GPT, build_model
 
-BACKPACK_TRUNK = "transformer.gpt2_model."  # where the Backpack keeps its GPT-2; a baseline has it at "transformer."
-SENSE = "transformer.content_model."
 HEADS_BY_WIDTH = {384: 6, 640: 8, 768: 12}  # micro, mini, small (docs/architecture.md 2.9)
 PLAIN_DEPTH = 32  # how deep pickled records are unpacked into plain data (cuts reference cycles)
 
@@ -91,44 +89,6 @@ def find_key(obj: object, key: str):
     return None
 
 
-def flash_names(n_layer: int, trunk: str) -> dict:
-    """our key prefix -> flash key prefix. The flash trunk is written in "Add -> LN" form: ln_0
-    normalizes the embeddings, layers.i.norm1 follows layer i's attention and layers.i.norm2 its MLP.
-    So GPT-2's h.i.ln_1 is layers.{i-1}.norm2 (ln_0 for i = 0), h.i.ln_2 is layers.i.norm1, and ln_f is
-    the last norm2 (docs/architecture.md 5.1). All flash Linears are nn.Linear (out, in), like ours: no transposes."""
-    names = {"transformer.wte.": trunk + "embeddings.word_embeddings.",
-             "transformer.wpe.": trunk + "embeddings.position_embeddings.",
-             "transformer.ln_f.": trunk + f"layers.{n_layer - 1}.norm2."}
-    for i in range(n_layer):
-        ours, theirs = f"transformer.h.{i}.", f"{trunk}layers.{i}."
-        names.update({ours + "ln_1.": trunk + "ln_0." if i == 0 else f"{trunk}layers.{i - 1}.norm2.",
-                      ours + "ln_2.": theirs + "norm1.",
-                      ours + "attn.c_attn.": theirs + "mixer.Wqkv.", ours + "attn.c_proj.": theirs + "mixer.out_proj.",
-                      ours + "mlp.c_fc.": theirs + "mlp.fc1.", ours + "mlp.c_proj.": theirs + "mlp.fc2."})
-    if trunk == BACKPACK_TRUNK:
-        names.update({"sense_network.ln_0.": SENSE + "ln_0.",
-                      "sense_network.ln_1.": SENSE + "layers.0.norm1.",
-                      "sense_network.ln_2.": SENSE + "layers.0.norm2.",
-                      "sense_network.mlp.c_fc.": SENSE + "layers.0.mlp.fc1.",
-                      "sense_network.mlp.c_proj.": SENSE + "layers.0.mlp.fc2.",
-                      "sense_network.final_mlp.c_fc.": SENSE + "final_mlp.fc1.",
-                      "sense_network.final_mlp.c_proj.": SENSE + "final_mlp.fc2.",
-                      "sense_weights.c_attn.": "transformer.contextualization_attn.Wqkv."})
-    return names
-
-
-def tied_copies(trunk: str) -> dict:
-    """flash key of a copy -> flash key it repeats. The LM head is the trunk's word embedding; a
-    Backpack lists the trunk's embedding module twice more: as the sense network's and as its own
-    `transformer.embeddings` (docs/architecture.md 2.1)."""
-    word, position = trunk + "embeddings.word_embeddings.weight", trunk + "embeddings.position_embeddings.weight"
-    tied = {"lm_head.weight": word}
-    if trunk == BACKPACK_TRUNK:
-        for module in (SENSE + "embeddings.", "transformer.embeddings."):
-            tied.update({module + "word_embeddings.weight": word, module + "position_embeddings.weight": position})
-    return tied
-
-
 def model_args(state: dict, trunk: str, hparams: object, cfg: ConvertConfig, source: str) -> tuple[str, dict]:
     """(model_type, config fields) read off the tensor shapes."""
     def shape(key):
@@ -149,9 +109,9 @@ def model_args(state: dict, trunk: str, hparams: object, cfg: ConvertConfig, sou
     args = dict(vocab_size=vocab_size, n_embd=d, n_layer=len(layers), n_head=n_head,
                 block_size=shape(trunk + "embeddings.position_embeddings.weight")[0], bias=True, dropout=0.0,
                 scale_attn_by_inverse_layer_idx=scale_attn)
-    if trunk != BACKPACK_TRUNK:
+    if trunk != hf.BACKPACK_TRUNK:
         return "gpt", args
-    kd, hidden = shape(SENSE + "final_mlp.fc2.weight")[0], shape(SENSE + "final_mlp.fc1.weight")[0]
+    kd, hidden = shape(hf.SENSE + "final_mlp.fc2.weight")[0], shape(hf.SENSE + "final_mlp.fc1.weight")[0]
     if kd % d or hidden % d or d % (kd // d):
         raise UserError(f"{source}: the final sense MLP is {d} -> {hidden} -> {kd}, not d -> I -> k*d with d={d} "
                         "and k dividing d")
@@ -160,12 +120,12 @@ def model_args(state: dict, trunk: str, hparams: object, cfg: ConvertConfig, sou
 
 def convert(state: dict, hparams: object, cfg: ConvertConfig, source: str) -> tuple[str, GPT]:
     """The flash state dict as one of our models."""
-    trunk = BACKPACK_TRUNK if any(k.startswith(BACKPACK_TRUNK) for k in state) else "transformer."
+    trunk = hf.BACKPACK_TRUNK if any(k.startswith(hf.BACKPACK_TRUNK) for k in state) else "transformer."
     model_type, args = model_args(state, trunk, hparams, cfg, source)
     model = build_model(model_type, **args)
-    prefixes = flash_names(args["n_layer"], trunk)
+    prefixes = hf.flash_names(args["n_layer"], trunk)
     names = {key: hf.rename(key, prefixes) for key in model.state_dict() if key != "lm_head.weight"}
-    hf.load_mapped(model, {k: v.float() for k, v in state.items()}, names, tied_copies(trunk), source)
+    hf.load_mapped(model, {k: v.float() for k, v in state.items()}, names, hf.flash_tied_copies(trunk), source)
     return model_type, model
 
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 
 import hf
-from common import UserError, load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
+from common import UserError
 from configurator import run_cli
 
 
@@ -50,7 +51,7 @@ def main(cfg: ExportConfig):
     ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
     model = model_from_checkpoint(ckpt).eval()
     written = hf.save_pretrained(model, export_dir, ckpt["tokenizer"])
-    reloaded = type(model).from_pretrained(export_dir).eval()
+    reloaded = hf.load_pretrained(type(model), export_dir).eval()
     diff = max_logit_diff(model, reloaded, written["vocab_size"], model.config.block_size)
     layout = hf.LAYOUTS[type(model)]
     vocab = (f"; vocab cut from {written['padded_vocab_size']} to the tokenizer's {written['vocab_size']}"

@@ -10,8 +10,8 @@ Weights in and out of the two Hugging Face layouts this repo speaks:
 Reading: weight files are read directly (safetensors, or torch.load(weights_only=True)): no downloaded
 code is ever run, so this repo loads a Backpack without trust_remote_code. One table per layout
 (`HFLayout`) drives both directions, so a name is mapped in exactly one place (`rename`, which the
-flash converter uses too). `GPT.from_pretrained` / `save_pretrained` in model.py delegate here;
-common.load_pretrained resolves train.py's and sample.py's --init_from.
+flash converter uses too). checkpoint.load_pretrained resolves train.py's and sample.py's --init_from
+through load_pretrained here.
 
 Writing (export_hf.py, convert_flash_ckpt.py): an export is a directory that transformers' Auto
 classes load as what it is. A GPT is a GPT2LMHeadModel directory. A Backpack declares model_type
@@ -203,11 +203,50 @@ def layout_of(config: dict) -> HFLayout:
     return BACKPACK_LAYOUT if is_backpack else GPT2_LAYOUT
 
 
+def tokenizer_from_files(folder: str, config: dict) -> dict | None:
+    """The tokenizer spec of a directory's own tokenizer files, None if it has none. The spec holds
+    their content, not their path: a checkpoint finetuned from the directory stores the spec, and must
+    read its ids the same way on another machine, or after the directory has moved, changed or gone.
+    vocab.json + merges.txt (GPT2Tokenizer's byte-level BPE) become tiktoken's ranks where they are in
+    GPT-2's layout; else tokenizer.json is kept whole, for the `tokenizers` package. The end-of-text id
+    is config.json's eos_token_id, else <|endoftext|>'s."""
+    files = {name: os.path.join(folder, name) for name in ("vocab.json", "merges.txt", "tokenizer.json")}
+    eos = config.get("eos_token_id")
+    if os.path.exists(files["vocab.json"]) and os.path.exists(files["merges.txt"]):
+        with open(files["vocab.json"], encoding="utf-8") as f:
+            vocab = json.load(f)
+        with open(files["merges.txt"], encoding="utf-8") as f:
+            merges = [line.split(" ") for line in f.read().splitlines() if line and not line.startswith("#version")]
+        byte_of = {c: b for b, c in _byte_chars().items()}  # GPT-2's printable stand-in -> its byte
+        ranks = {c: vocab[c] for c in byte_of if c in vocab}
+        ids = [vocab.get(a + b, -1) if set(a + b) <= byte_of.keys() else -1 for a, b in merges]
+        # tiktoken merges the pair whose token has the lowest id: ids must follow merges.txt, as GPT-2's do
+        # (the check tiktoken makes on GPT-2's own files)
+        if len(ranks) == 256 and -1 not in ids and all(i < j for i, j in zip(ids, ids[1:])):
+            ranks.update({a + b: i for (a, b), i in zip(merges, ids)})
+            special = {t: i for t, i in vocab.items() if t not in ranks}  # <|endoftext|> and other added tokens
+            # each token's bytes as a latin-1 string, one character per byte: the spec stays plain JSON-able data
+            return {"kind": "bpe", "special": special,
+                    "ranks": {bytes(byte_of[c] for c in t).decode("latin-1"): i for t, i in ranks.items()},
+                    "eot_id": eos if isinstance(eos, int) else special.get(EOT_TEXT)}
+        if not os.path.exists(files["tokenizer.json"]):
+            raise UserError(f"{folder}: vocab.json and merges.txt are not a byte-level BPE in GPT-2's layout (all "
+                            "256 bytes, ids in merge order), which is what this repo reads; add a tokenizer.json")
+    if os.path.exists(files["tokenizer.json"]):
+        with open(files["tokenizer.json"], encoding="utf-8") as f:
+            text = f.read()
+        added = {t["content"]: t["id"] for t in json.loads(text).get("added_tokens", [])}
+        return {"kind": "hf-tokenizer", "json": text, "eot_id": eos if isinstance(eos, int) else added.get(EOT_TEXT)}
+    return None
+
+
 def identify(name_or_path: str) -> tuple[str, dict]:
-    """(model_type, tokenizer spec) of a hub alias or a local directory, without loading any weights."""
+    """(model_type, tokenizer spec) of a hub alias or a local directory, without loading any weights.
+    A directory's tokenizer: our spec in its config.json, else its own tokenizer files, else GPT-2's."""
     if os.path.isdir(name_or_path):
         config = read_config(name_or_path)
-        return layout_of(config).model_type, config.get(TOKENIZER_KEY, GPT2_TOKENIZER)
+        spec = config.get(TOKENIZER_KEY) or tokenizer_from_files(name_or_path, config) or GPT2_TOKENIZER
+        return layout_of(config).model_type, spec
     for layout in LAYOUTS.values():
         if name_or_path in layout.repos or name_or_path in layout.repos.values():
             return layout.model_type, GPT2_TOKENIZER
@@ -298,7 +337,10 @@ def load_state_dict_from_hf(model: GPT, hf_state: dict, layout: HFLayout, source
 
 
 def load_pretrained(cls: type[GPT], name_or_path: str, override_args: dict | None = None) -> GPT:
-    """See GPT.from_pretrained."""
+    """Pretrained weights in a Hugging Face layout, read without running any downloaded code.
+    GPT: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a GPT2LMHeadModel.save_pretrained directory.
+    Backpack: backpack-small / backpack-gpt2 (= stanfordnlp/backpack-gpt2) or a directory in that
+    layout. Only dropout may be overridden (default 0)."""
     override_args = override_args or {}
     if set(override_args) - {"dropout"}:
         raise UserError("only dropout can be overridden in pretrained weights, not "
@@ -366,7 +408,9 @@ def hf_state_dict(model: GPT, layout: HFLayout, vocab_size: int) -> dict:
 
 
 def save_pretrained(model: GPT, export_dir: str, tokenizer_spec: dict | None = None) -> dict:
-    """See GPT.save_pretrained. Returns what was written: {"vocab_size", "padded_vocab_size",
+    """The inverse of load_pretrained, into a directory transformers loads as what it is: a GPT as a
+    GPT2LMHeadModel; a Backpack in the backpack-gpt2 layout with its modeling code (hf_remote/, for
+    trust_remote_code=True). Tokenizer files come along and padded vocabulary rows are cut. Returns what was written: {"vocab_size", "padded_vocab_size",
     "tokenizer_files"}. Tokenizer files are written when the model covers the tokenizer's ids (tiny
     test models with fewer rows than GPT-2's vocabulary get none)."""
     from safetensors.torch import save_file
@@ -420,7 +464,8 @@ def gpt2_vocab_and_merges(encoding) -> tuple[dict, list]:
             parts[i:i + 2] = [parts[i] + parts[i + 1]]
         if len(parts) == 2:
             merges.append((printable(parts[0]), printable(parts[1])))
-    return {**{printable(b): r for b, r in ranks.items()}, EOT_TEXT: GPT2_EOT}, merges
+    special = {t: encoding.encode_single_token(t) for t in encoding.special_tokens_set}  # <|endoftext|> for GPT-2
+    return {**{printable(b): r for b, r in ranks.items()}, **special}, merges
 
 
 def _char_vocab(tok: Tokenizer) -> tuple[dict, list]:
@@ -446,24 +491,35 @@ def _char_vocab(tok: Tokenizer) -> tuple[dict, list]:
 
 
 def save_tokenizer(tokenizer_spec: dict, export_dir: str, max_length: int):
-    """tokenizer.json and tokenizer_config.json for AutoTokenizer. GPT-2: byte-level BPE from tiktoken's
-    ranks, <|endoftext|> special. Character kinds: a word-level tokenizer over single characters whose
+    """tokenizer.json and tokenizer_config.json for AutoTokenizer. GPT-2 (and a "bpe" spec): byte-level
+    BPE from tiktoken's ranks, its special tokens special; a "hf-tokenizer" spec: its own tokenizer.json. Character kinds: a word-level tokenizer over single characters whose
     decoder joins tokens without spaces; <|endoftext|> is special when the vocabulary has it."""
     from tokenizers import Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as Backend
     from transformers import PreTrainedTokenizerFast
-    if tokenizer_spec.get("kind") == "gpt2":
-        try:
-            encoding = gpt2_encoding()
-        except UserError:
-            raise
-        except Exception as e:  # offline without a cached BPE
-            raise UserError(f"writing the GPT-2 tokenizer files needs the GPT-2 BPE ({first_line(e)}); go online "
-                            "once (tiktoken caches it) or set GPT2_BPE_DIR to a folder holding gpt2.tiktoken") from None
+    kind = tokenizer_spec.get("kind")
+    if kind == "hf-tokenizer":  # a directory's own tokenizer.json (hf.tokenizer_from_files), written back as it came
+        backend = Backend.from_str(tokenizer_spec["json"])
+        eot_id = tokenizer_spec.get("eot_id")
+        eot, unk = (backend.id_to_token(eot_id) if eot_id is not None else None), None
+    elif kind in ("gpt2", "bpe"):
+        if kind == "bpe":  # a directory's own vocab.json + merges.txt, read into tiktoken's ranks
+            encoding = Tokenizer(tokenizer_spec).encoding
+        else:
+            try:
+                encoding = gpt2_encoding()
+            except UserError:
+                raise
+            except Exception as e:  # offline without a cached BPE
+                raise UserError(f"writing the GPT-2 tokenizer files needs the GPT-2 BPE ({first_line(e)}); go "
+                                "online once (tiktoken caches it) or set GPT2_BPE_DIR to a folder holding "
+                                "gpt2.tiktoken") from None
         backend = Backend(models.BPE(*gpt2_vocab_and_merges(encoding)))
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
-        eot = unk = EOT_TEXT
+        eot_id = GPT2_EOT if kind == "gpt2" else tokenizer_spec.get("eot_id")
+        eot = next((t for t in encoding.special_tokens_set if encoding.encode_single_token(t) == eot_id), None)
+        unk = EOT_TEXT if kind == "gpt2" else None
     else:
         tok = Tokenizer(tokenizer_spec)
         vocab, hidden = _char_vocab(tok)
@@ -478,3 +534,48 @@ def save_tokenizer(tokenizer_spec: dict, export_dir: str, max_length: int):
     fast = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=eot, eos_token=eot, unk_token=unk,
                                    clean_up_tokenization_spaces=False, model_max_length=max_length)
     fast.save_pretrained(export_dir)
+
+
+# -----------------------------------------------------------------------------
+# the official backpacks-flash-attn checkpoints' key names (convert_flash_ckpt.py reads the files)
+
+BACKPACK_TRUNK = "transformer.gpt2_model."  # where the Backpack keeps its GPT-2; a baseline has it at "transformer."
+SENSE = "transformer.content_model."
+
+
+def flash_names(n_layer: int, trunk: str) -> dict:
+    """our key prefix -> flash key prefix. The flash trunk is written in "Add -> LN" form: ln_0
+    normalizes the embeddings, layers.i.norm1 follows layer i's attention and layers.i.norm2 its MLP.
+    So GPT-2's h.i.ln_1 is layers.{i-1}.norm2 (ln_0 for i = 0), h.i.ln_2 is layers.i.norm1, and ln_f is
+    the last norm2 (docs/architecture.md 5.1). All flash Linears are nn.Linear (out, in), like ours: no transposes."""
+    names = {"transformer.wte.": trunk + "embeddings.word_embeddings.",
+             "transformer.wpe.": trunk + "embeddings.position_embeddings.",
+             "transformer.ln_f.": trunk + f"layers.{n_layer - 1}.norm2."}
+    for i in range(n_layer):
+        ours, theirs = f"transformer.h.{i}.", f"{trunk}layers.{i}."
+        names.update({ours + "ln_1.": trunk + "ln_0." if i == 0 else f"{trunk}layers.{i - 1}.norm2.",
+                      ours + "ln_2.": theirs + "norm1.",
+                      ours + "attn.c_attn.": theirs + "mixer.Wqkv.", ours + "attn.c_proj.": theirs + "mixer.out_proj.",
+                      ours + "mlp.c_fc.": theirs + "mlp.fc1.", ours + "mlp.c_proj.": theirs + "mlp.fc2."})
+    if trunk == BACKPACK_TRUNK:
+        names.update({"sense_network.ln_0.": SENSE + "ln_0.",
+                      "sense_network.ln_1.": SENSE + "layers.0.norm1.",
+                      "sense_network.ln_2.": SENSE + "layers.0.norm2.",
+                      "sense_network.mlp.c_fc.": SENSE + "layers.0.mlp.fc1.",
+                      "sense_network.mlp.c_proj.": SENSE + "layers.0.mlp.fc2.",
+                      "sense_network.final_mlp.c_fc.": SENSE + "final_mlp.fc1.",
+                      "sense_network.final_mlp.c_proj.": SENSE + "final_mlp.fc2.",
+                      "sense_weights.c_attn.": "transformer.contextualization_attn.Wqkv."})
+    return names
+
+
+def flash_tied_copies(trunk: str) -> dict:
+    """flash key of a copy -> flash key it repeats. The LM head is the trunk's word embedding; a
+    Backpack lists the trunk's embedding module twice more: as the sense network's and as its own
+    `transformer.embeddings` (docs/architecture.md 2.1)."""
+    word, position = trunk + "embeddings.word_embeddings.weight", trunk + "embeddings.position_embeddings.weight"
+    tied = {"lm_head.weight": word}
+    if trunk == BACKPACK_TRUNK:
+        for module in (SENSE + "embeddings.", "transformer.embeddings."):
+            tied.update({module + "word_embeddings.weight": word, module + "position_embeddings.weight": position})
+    return tied

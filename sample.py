@@ -11,13 +11,13 @@ Or pretrained weights (GPT-2 BPE), from the hub or a local Hugging Face director
     python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=3
     python sample.py --init_from=backpack-small --max_new_tokens=100
 
-Decoding strategies (the names of transformers' generate; all run on model.generate and its KV cache):
+Decoding strategies (the names of transformers' generate; all run on generate.py and its KV cache):
 
     --temperature=0                      greedy: always the most likely token
     --temperature=0.8 --top_k=200        sample from the 200 most likely tokens, sharpened (the default)
     --top_k=0 --top_p=0.9                nucleus: the fewest tokens that hold 90% of the probability
     --repetition_penalty=1.3             make tokens already in the text less likely (CTRL's penalty)
-    --num_beams=4 --length_penalty=1.0 --num_samples=1   beam search (deterministic, one best text)
+    --num_beams=4 --length_penalty=1.0 --num_samples=2   beam search (deterministic): the 2 best beams, best first
     --stop="'\n\n'"                      end a sample once its new text holds this string (kept)
     --stop_at_eot=False                  go on past <|endoftext|> (nanoGPT's behaviour; default: stop)
     --start=FILE:prompts.txt --prompt_per_line=True   one prompt per line, all sampled in one batch
@@ -37,15 +37,19 @@ torch.compile of it (dynamic shapes) took minutes to compile on a CPU and then r
 import os
 import sys
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from common import UserError, autocast_context, first_line, load_model, resolve_device, resolve_dtype
+from checkpoint import load_model
+from common import UserError, autocast_context, first_line, resolve_device, resolve_dtype
 from configurator import run_cli
+from generate import generate
 
 
 @dataclass
 class SampleConfig:
+    ALIASES: ClassVar[dict] = {"prompt": "start"}  # --prompt=... works as --start=... (transformers' word)
     init_from: str = "resume"  # 'resume' loads out_dir/ckpt.pt; or gpt2*, backpack-small, a HF directory
     out_dir: str = "out"  # where the checkpoint is
     start: str = "\n"  # the prompt, or FILE:path to read it from a file
@@ -56,7 +60,8 @@ class SampleConfig:
     top_k: int = 200  # keep only the top_k most likely tokens, 0 = all
     top_p: float = 1.0  # keep the fewest most likely tokens that cover top_p of the probability, 1.0 = all
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the text, 1.0 = off
-    num_beams: int = 1  # > 1: beam search with this many beams (deterministic; ignores temperature, top_k, top_p)
+    num_beams: int = 1  # > 1: beam search with this many beams (deterministic; ignores temperature, top_k, top_p);
+    #                    --num_samples=n <= num_beams then prints the n best beams, best first
     length_penalty: float = 1.0  # beam search scores sum(log p) / length ** length_penalty
     stop_at_eot: bool = True  # end a sample at <|endoftext|>, where the tokenizer has one
     stop: str = ""  # end a sample once its new text contains this string ("" = none)
@@ -80,8 +85,9 @@ def check_config(cfg: SampleConfig):
         (0 < cfg.top_p <= 1, f"top_p must be in (0, 1] (got {cfg.top_p}); 1.0 keeps every token"),
         (cfg.repetition_penalty > 0, f"repetition_penalty must be > 0 (got {cfg.repetition_penalty}); 1.0 is off"),
         (cfg.num_beams >= 1, f"num_beams must be >= 1 (got {cfg.num_beams}); 1 samples without beam search"),
-        (cfg.num_beams == 1 or cfg.num_samples == 1, f"beam search is deterministic, so {cfg.num_samples} samples "
-                                                     "would all be the same; pass --num_samples=1"),
+        (cfg.num_beams == 1 or cfg.num_samples <= cfg.num_beams,
+         f"--num_samples={cfg.num_samples} but beam search keeps only --num_beams={cfg.num_beams} hypotheses; pass "
+         f"--num_samples={cfg.num_beams} or fewer (the best beams, best first), or raise --num_beams"),
     ]
     for ok, message in rules:
         if not ok:
@@ -170,15 +176,18 @@ def main(cfg: SampleConfig):
                    eos_id=tokenizer.eot_id if cfg.stop_at_eot else None,
                    vocab_limit=tokenizer.vocab_size)  # the model's vocab may have padding rows: never sample them
     stream = cfg.stream and len(prompts) == 1 and cfg.num_beams == 1
+    # sampling draws num_samples times; beam search runs once and returns its num_samples best beams
+    rounds, per_round = (1, cfg.num_samples) if cfg.num_beams > 1 else (cfg.num_samples, 1)
     torch.manual_seed(cfg.seed)
     with torch.no_grad(), ctx:
-        for _ in range(cfg.num_samples):
+        for _ in range(rounds):
             streamer = None
             if stream:
                 streamer = Streamer(render)
                 sys.stdout.write(tokenizer.decode(prompt_ids[0]))
-            out = model.generate(prompt_ids, cfg.max_new_tokens, on_token=streamer, **options)
-            for ids, p in zip(out, prompt_ids):
+            out = generate(model, prompt_ids, cfg.max_new_tokens, on_token=streamer, num_return_sequences=per_round,
+                           **options)
+            for ids, p in zip(out, [p for p in prompt_ids for _ in range(per_round)]):
                 new_text = render(ids[len(p):].tolist())
                 if streamer is not None:
                     streamer.write(new_text)

@@ -7,7 +7,7 @@
 # Hardware/time: 8x A100, about 1.5 days (estimate from 6*N*D = 4.4e19 FLOPs, N = 148M).
 # Expected val loss: not measured yet (the seed project reported none).
 # Characters: --sense_norm=rms helped the Backpack on English characters and on a small Chinese sample
-# (README "Character-level Backpacks"); the default stays the paper's Backpack.
+# (docs/character-level.md); the default stays the paper's Backpack.
 
 out_dir = 'out-clue-small'
 eval_interval = 1000

@@ -6,7 +6,7 @@
 # Hardware/time: one GPU, a few minutes. Expected val loss: ~1.3 (an estimate from shakespeare_char's
 # ~1.5 with twice the text; not measured here).
 # Characters: add --sense_norm=rms for a Backpack that learns about as well as its GPT twin (measured on
-# Shakespeare characters, README "Character-level Backpacks"); the default stays the paper's Backpack.
+# Shakespeare characters, docs/character-level.md); the default stays the paper's Backpack.
 
 out_dir = 'out-don-char'
 eval_interval = 250

@@ -1,6 +1,6 @@
 # A small Backpack on Tiny Shakespeare in GPT-2 BPE tokens, sized for a laptop CPU (2000 iterations,
-# about half an hour on 2 cores). Its senses belong to words, not letters, which is what the README's
-# "Looking inside", "Steering" and "Perplexity" sections need:
+# about half an hour on 2 cores). Its senses belong to words, not letters, which is what
+# docs/looking-inside.md, docs/steering.md and docs/evaluation.md (perplexity) need:
 #   python data/shakespeare/prepare.py && python train.py config/train_shakespeare_bpe.py --device=cpu --compile=False
 # The 300k training tokens are few for a 50k vocabulary: val loss is best (~4.87) around iteration 1250
 # and then rises; ckpt.pt keeps the best (always_save_checkpoint = False).

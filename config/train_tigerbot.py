@@ -8,7 +8,7 @@
 # Expected val loss: not measured yet.
 # Same model, batch and schedule as config/train_clue_small.py; only the data and names differ.
 # Characters: --sense_norm=rms helped the Backpack on English characters and on a small Chinese sample
-# (README "Character-level Backpacks"); the default stays the paper's Backpack.
+# (docs/character-level.md); the default stays the paper's Backpack.
 exec(open('config/train_clue_small.py').read())
 
 model_type = 'backpack'

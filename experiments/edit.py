@@ -28,9 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
-import tools
+import tools  # first of the repo's modules: it puts the repo root on sys.path
 from common import UserError, autocast_context, resolve_dtype
 from configurator import run_cli
+from generate import generate
 from steering import continuation_ids, edit_senses, replace_hook, word_logprobs
 
 
@@ -100,7 +101,7 @@ def main(cfg: EditConfig):
                 torch.manual_seed(cfg.seed)
                 x = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)
                 with model.hooked(h), ctx:
-                    y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature,
+                    y = generate(model, x, cfg.max_new_tokens, temperature=cfg.temperature,
                                        top_k=cfg.top_k or None, vocab_limit=tok.vocab_size)
                 row[f"samples_{name}"] = [tok.decode(r.tolist()) for r in y]
                 for s in row[f"samples_{name}"]:

@@ -31,11 +31,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import tools  # first of the repo's modules: it puts the repo root on sys.path
 from common import (UserError, autocast_context, bin_dtype, first_line, load_meta, resolve_device, resolve_dtype,
-                    tokenizer_spec_from_meta)
+                    same_tokenizer, tokenizer_spec_from_meta)
 from configurator import run_cli
 
 
@@ -54,16 +53,11 @@ class PerplexityConfig:
     dtype: str = "auto"  # float32, bfloat16, float16; auto: bf16/fp16 on CUDA, float32 elsewhere
 
 
-def vocabulary(spec: dict) -> list:
-    """What a tokenizer spec's ids stand for (two specs with equal vocabularies read ids alike)."""
-    return [spec.get(key) for key in ("kind", "itos", "vocab")]
-
-
 def read_bin(path: str, tokenizer, dtype: str) -> np.ndarray:
     """Token ids of a .bin; a meta.pkl beside it (the data/ recipes write one) must name the model's
     tokenizer, and gives the dtype unless --bin_dtype does."""
     meta = load_meta(os.path.dirname(os.path.abspath(path)))
-    if meta is not None and vocabulary(tokenizer_spec_from_meta(meta)) != vocabulary(tokenizer.spec):
+    if meta is not None and not same_tokenizer(tokenizer_spec_from_meta(meta), tokenizer.spec):
         raise UserError(f"{path} was tokenized differently from this model (see meta.pkl beside it); pass "
                         "a .bin prepared with the model's tokenizer, or the text itself")
     if dtype == "auto":
@@ -123,6 +117,7 @@ def score(model, tokens: np.ndarray, block_size: int, stride: int, batch_size: i
     nll = np.full(len(tokens) - 1, np.nan)
     context = np.zeros(len(tokens) - 1, dtype=np.int64)
     offsets = np.arange(1, W + 1)  # (W,) a target's position minus its window's begin: its context
+    from tqdm import tqdm  # lazily, as every optional package
     for i in tqdm(range(0, len(plan), batch_size), desc="perplexity", unit="batch", leave=False):
         chunk = plan[i:i + batch_size]
         x = torch.stack([data[b:b + W] for b, _ in chunk]).to(device)  # (B, W)

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import tools  # noqa: F401  (puts the repo root on sys.path)
 
@@ -64,6 +63,7 @@ def nearest_tokens(model, senses, limit: int, n: int, exclude: list[list[int]], 
     best_cos = torch.empty(W, k, 0, device=device)
     best_ids = torch.empty(W, k, 0, dtype=torch.long, device=device)
     starts = range(0, limit, chunk_size)
+    from tqdm import tqdm  # lazily, as every optional package
     for start in tqdm(starts, desc="nearest tokens", unit="chunk", disable=len(starts) < 2):
         ids = torch.arange(start, min(start + chunk_size, limit), device=device)  # (C,)
         keys = F.normalize(model.sense_vectors(ids, chunk_size), dim=-1)  # (C, k, d)

@@ -13,12 +13,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from common import Tokenizer, UserError, load_model, resolve_device  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from common import Tokenizer, UserError, resolve_device  # noqa: E402
 from model import GPT, Backpack  # noqa: E402
 
 # the tools that also take a model without senses
 NO_SENSE_TOOLS = ("lexical_similarity.py (with --use_senses=False), debias.py (its embedding-projection baseline), "
-                  "perplexity.py and lm_eval.py")
+                  "perplexity.py and eval_harness.py")
 
 
 def describe_source(init_from: str, out_dir: str) -> str:

@@ -19,7 +19,8 @@ Success per strength, offline: the share of samples that contain a topic word (w
 and the mean probability the model gives to a topic word's first token at each generated position.
 The paper's measure, semantic success (the share of samples that cardiffnlp/tweet-topic-21-multi gives
 the topic's label with probability > 0.5), is added when the classifier loads (network once, or the
-Hugging Face cache); otherwise one line says why it is missing. Results: <out_dir>/experiments/.
+Hugging Face cache); otherwise one line says why it is missing. Results: <out_dir>/experiments/. The
+scoring pass over the vocabulary is cached on disk, keyed by the model's weights (steering.cache_folder).
 """
 
 import os
@@ -28,11 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
-import tools
+import tools  # first of the repo's modules: it puts the repo root on sys.path
 from common import UserError, autocast_context, first_line, resolve_dtype
 from configurator import run_cli
-from steering import (STRENGTHS, anneal_scale, scores_from_logits, sense_logits, topic_hook, topic_multipliers,
-                      topic_target)
+from generate import generate
+from steering import STRENGTHS, anneal_scale, many_topic_scores, topic_hook, topic_multipliers, topic_target
 
 TOPIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "topic_classes")
 FMT = {"contains_topic_word": ".3f", "first_token_mass": ".5f", "semantic_success": ".3f"}  # how each measure prints
@@ -130,7 +131,7 @@ def sample(model, tok, cfg: TopicConfig, hook, start: list[int], first: torch.Te
         for b in range(0, cfg.num_samples, cfg.batch_size):
             n = min(cfg.batch_size, cfg.num_samples - b)
             idx = torch.tensor([start] * n, dtype=torch.long, device=device)
-            out, logits = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
+            out, logits = generate(model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
                                          vocab_limit=tok.vocab_size, return_logits=True)
             probs = torch.softmax(logits[..., :tok.vocab_size].float(), dim=-1)  # (n, steps, V)
             mass.append(probs[..., first.to(device)].sum(-1).mean(1).cpu())  # (n,)
@@ -152,16 +153,14 @@ def main(cfg: TopicConfig):
     clf, why_not = load_classifier(cfg.classifier)
     print(f"semantic success: {f'skipped, {why_not}' if clf is None else cfg.classifier}")
 
-    ids = sorted({i for p in pieces.values() for w in p for i in w})
-    top, at = sense_logits(model, tok.vocab_size, ids)  # once for every topic
     skip = [tok.eot_id] if tok.eot_id is not None else []
+    targets = [topic_target(pieces[name], model.config.vocab_size) for name, _ in topics]
+    # one pass over the vocabulary for every topic, cached on disk by the model's weights (steering.py)
+    all_scores = many_topic_scores(model, targets, tok.vocab_size, skip, cache_for=cfg)
     start = [tok.eot_id] if tok.eot_id is not None else tok.encode("\n")
     ctx = autocast_context(device.type, resolve_dtype(cfg.dtype, device.type))
     results = {}
-    for name, words in topics:
-        target = topic_target(pieces[name], model.config.vocab_size)
-        nz = target.nonzero()[:, 0].tolist()
-        scores = scores_from_logits(top, at[..., [ids.index(i) for i in nz]], target[nz], model.config.vocab_size, skip)
+    for (name, words), scores in zip(topics, all_scores):
         label = None if clf is None else classifier_label(clf, cfg.topic_label or name.replace(",", "_"))
         sizes = ", ".join(f"{w!r}={len(p)} token(s)" for w, p in zip(words, pieces[name]))
         print(f"\ntopic {name}: {sizes}")

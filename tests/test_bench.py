@@ -1,5 +1,6 @@
-"""bench.py in each mode on a tiny model for a few steps: it runs, and its last line is the JSON the
-README and the issue read. No timing asserts: the figures depend on the machine and its load."""
+"""bench.py in each mode (train, generate, topic scoring) on a tiny model for a few steps: it runs,
+and its last line is the JSON that docs/performance.md reads. No timing asserts: the figures depend on
+the machine and its load."""
 
 import json
 
@@ -55,6 +56,19 @@ def test_generate(capsys, tiny_char_data):
     assert out["ratio"] > 0
 
 
+@pytest.mark.parametrize("tokens", [0, 10])
+def test_topic_scoring_against_a_bare_matmul(capsys, tiny_char_data, tokens):
+    """The whole vocabulary's rows, then 10 of them (every column kept) and the full pass extrapolated."""
+    out = bench_json(capsys, data_dir=tiny_char_data, mode="topic", topic_tokens=tokens)
+    V = out["vocab"]  # the character vocabulary's ids
+    assert out["mode"] == "topic" and 10 < V < 100 and out["n_senses"] == 4 and out["n_embd"] == 32
+    assert out["tokens"] == (tokens or V) and out["tflop"] == 2 * out["tokens"] * 4 * 32 * V / 1e12
+    assert out["scoring_ms"] >= out["scoring_min_ms"] > 0 and out["matmul_ms"] >= out["matmul_min_ms"] > 0
+    assert out["ratio"] == pytest.approx(out["scoring_ms"] / out["matmul_ms"])
+    assert out["ratio_min"] == pytest.approx(out["scoring_min_ms"] / out["matmul_min_ms"])
+    assert out["full_pass_s"] == pytest.approx(out["scoring_ms"] / 1000 * V / out["tokens"])
+
+
 @pytest.mark.parametrize("mode, trace", [("train", "gpt_eager"), ("generate", "gpt_generate")])
 def test_profile_writes_a_chrome_trace(capsys, tiny_char_data, tmp_path, mode, trace):
     bench_json(capsys, data_dir=tiny_char_data, model_type="gpt", compile=False, mode=mode, new_tokens=3,
@@ -64,9 +78,11 @@ def test_profile_writes_a_chrome_trace(capsys, tiny_char_data, tmp_path, mode, t
 
 
 @pytest.mark.parametrize("arg, message", [("--mode=gen", "unknown --mode=gen"), ("--steps=0", "steps must be"),
-                                          ("--bogus=1", "unknown config key 'bogus'")])
+                                          ("--bogus=1", "unknown config key 'bogus'"),
+                                          ("--mode=topic --model_type=gpt", "--mode=topic times a Backpack"),
+                                          ("--topic_tokens=-1", "topic_tokens must be >= 0")])
 def test_bad_input_is_one_line(capsys, arg, message):
     with pytest.raises(SystemExit) as e:
-        run_cli(bench.main, bench.BenchConfig, ["--device=cpu", "--data=random", arg])
+        run_cli(bench.main, bench.BenchConfig, ["--device=cpu", "--data=random", *arg.split()])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and err.count("\n") == 1

@@ -49,10 +49,27 @@ def test_what_counts_as_a_compiler_failure():
     assert not is_compiler_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
 
-def test_cpu_peak_is_measured_once_per_process():
-    peak, description = peak_flops("cpu", "float32")
-    assert 1e8 < peak < 1e14 and "fp32 matmul peak" in description and "measured at startup" in description
-    assert peak_flops("cpu", "float32") == (peak, description)  # cached: no second measurement
+def test_cpu_peak_is_the_best_timed_matmul_and_measured_once(monkeypatch):
+    """The peak is 2 n^3 / (the fastest timed matmul), n = 512 and 1024 on CPU: with a clock that says
+    every 1024 matmul took 2 ms and every 512 one 1 ms, it is exactly 2 * 1024^3 / 0.002."""
+    import common
+    clock = {"now": 0.0}
+    real_matmul = torch.Tensor.__matmul__
+
+    def timed_matmul(a, b):
+        clock["now"] += 0.002 if a.shape[0] == 1024 else 0.001
+        return real_matmul(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", timed_matmul)
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock["now"])
+    threads = 12345  # a cache key of its own, so no earlier measurement in this process answers
+    peak = common.measured_matmul_flops("cpu", "float32", threads)
+    assert peak == pytest.approx(max(2 * 512**3 / 0.001, 2 * 1024**3 / 0.002), rel=1e-9)
+    clock["now"] = -1e9  # a second call would time nothing sensible: it must come from the cache
+    assert common.measured_matmul_flops("cpu", "float32", threads) == peak
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert peak_flops("cpu", "float32") == (peak, f"a fp32 matmul peak of {peak / 1e9:,.0f} GFLOP/s measured at "
+                                                  f"startup ({threads} threads)")
 
 
 def test_gpt2_decode_keeps_end_of_text(gpt2_bpe):
@@ -69,10 +86,32 @@ def test_a_missing_cpp_compiler_falls_back_to_eager(monkeypatch, capsys):
     import torch._inductor.config
 
     from common import compile_model
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/g++",))
     model = torch.nn.Linear(4, 4)
+    # torch's own config patch restores the key on exit; pytest's monkeypatch (9.2) deletes a key that
+    # torch's config module serves through __getattr__, which broke every later compile in the process
     try:
-        assert compile_model(model, lambda compiled: compiled(torch.randn(2, 4)).sum().backward()) is model
+        with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/g++",)}):
+            assert compile_model(model, lambda compiled: compiled(torch.randn(2, 4)).sum().backward()) is model
     finally:
         torch._dynamo.reset()
+    assert torch._inductor.config.cpp.cxx != ("/nonexistent/g++",)
     assert "warning: torch.compile failed (InductorError: InvalidCxxCompiler" in capsys.readouterr().err
+
+
+def test_gpt2_files_in_a_directory_are_the_gpt2_tokenizer(tmp_path, gpt2_bpe):
+    """A "bpe" spec read from GPT-2's own vocab.json + merges.txt is the same tokenizer as {"kind":
+    "gpt2"} (so a hub GPT-2 directory finetunes on GPT-2 data); a different BPE is not."""
+    import json
+
+    import hf
+    from common import same_tokenizer, tokenizer_fingerprint
+    from test_eval_harness import _TEXT, train_bpe, write_bpe_files
+    write_bpe_files(tmp_path / "gpt2", *hf.gpt2_vocab_and_merges(gpt2_bpe))
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "eos_token_id": 50256}))
+    spec = hf.identify(str(tmp_path / "gpt2"))[1]
+    assert spec["kind"] == "bpe" and same_tokenizer(spec, {"kind": "gpt2"})
+    write_bpe_files(tmp_path / "other", *train_bpe(_TEXT, 20))
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    other = hf.identify(str(tmp_path / "other"))[1]
+    assert not same_tokenizer(other, {"kind": "gpt2"}) and not same_tokenizer(other, spec)
+    assert tokenizer_fingerprint({"kind": "char", "itos": ["a"]}) != tokenizer_fingerprint({"kind": "char", "itos": ["b"]})

@@ -79,3 +79,49 @@ def test_a_float_field_from_a_config_file_is_a_float(tmp_path):
     config_file = tmp_path / "c.py"
     config_file.write_text("learning_rate = 3\n")
     assert type(parse_config(Cfg, [str(config_file)]).learning_rate) is float
+
+
+@dataclass
+class StrCfg:
+    start: str = "\n"  # a prompt
+    run_name: str = "run"  # a name
+    maybe: str | None = None  # a string or None
+    ALIASES = {"prompt": "start"}
+
+
+@pytest.mark.parametrize("raw,value", [
+    ("1.50", "1.50"), ("0x1F", "0x1F"), ("1e-3", "1e-3"), ("007", "007"), ("[1, 2]", "[1, 2]"), ("True", "True"),
+    ("None", "None"), ("'\\n\\n'", "\n\n"), ("\"quoted\"", "quoted"), ("ROMEO:", "ROMEO:"), ("", ""),
+])
+def test_a_string_flag_keeps_its_text(raw, value):
+    """A str field takes the flag's text verbatim, never the text of what literal_eval made of it
+    (--start=1.50 is '1.50', not '1.5'); only a quoted Python string literal is unquoted."""
+    assert parse_config(StrCfg, [f"--start={raw}", f"--run_name={raw}"]) == StrCfg(start=value, run_name=value)
+
+
+def test_a_str_or_none_flag():
+    assert parse_config(StrCfg, ["--maybe=None"]).maybe is None
+    assert parse_config(StrCfg, ["--maybe=1.50"]).maybe == "1.50"
+
+
+def test_an_alias_names_its_key(tmp_path):
+    """sample.py's --prompt is its --start: on the command line, in a config file and in --help."""
+    assert parse_config(StrCfg, ["--prompt=ROMEO:"]).start == "ROMEO:"
+    config_file = tmp_path / "c.py"
+    config_file.write_text("prompt = 'JULIET:'\n")
+    assert parse_config(StrCfg, [str(config_file)]).start == "JULIET:"
+    out = subprocess.run([sys.executable, "sample.py", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert "--start='\\n' (or --prompt)" in out.stdout
+
+
+
+def test_a_number_in_a_config_file_for_a_str_field_is_its_text(tmp_path):
+    """`out_dir = 123` in a config file is the string '123' (a str field gets a str); a bool is still refused."""
+    def config(text: str) -> str:
+        path = tmp_path / "number.py"
+        path.write_text(text)
+        return str(path)
+    assert parse_config(Cfg, [config("out_dir = 123\n")]).out_dir == "123"
+    assert parse_config(StrCfg, [config("run_name = 1.5\n")]).run_name == "1.5"
+    with pytest.raises(UserError, match="config key 'out_dir' expects str, got bool True"):
+        parse_config(Cfg, [config("out_dir = True\n")])

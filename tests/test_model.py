@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from generate import generate
 from model import GPT, Backpack, build_model
 
 V, T = 101, 12
@@ -120,12 +121,12 @@ def test_crop_block_size(model_type):
 def test_generate(model_type):
     model = perturb_(tiny(model_type)).eval()
     idx = torch.randint(0, V, (2, 4))
-    out = model.generate(idx, 20, temperature=0)  # runs past block_size=16: the context is cropped
+    out = generate(model, idx, 20, temperature=0)  # runs past block_size=16: the context is cropped
     assert out.shape == (2, 24) and torch.equal(out[:, :4], idx)
     logits, _ = model(out[:, :10])
     assert torch.equal(out[:, 10], logits[:, -1].argmax(-1))  # greedy = argmax of the full forward
     torch.manual_seed(0)
-    sampled = model.generate(idx, 5, temperature=1.0, top_k=1)  # top_k=1 is greedy too
+    sampled = generate(model, idx, 5, temperature=1.0, top_k=1)  # top_k=1 is greedy too
     assert torch.equal(sampled, out[:, :9])
 
 
@@ -319,7 +320,7 @@ def test_cpu_mixing_equals_fused_attention():
 
 @pytest.mark.parametrize("variant", [{}, dict(sense_norm="rms", sense_base_residual="embedding")])
 def test_logit_space_mixing_compiles_without_graph_breaks(variant):
-    """Also with the opt-in sense departures of tests/test_variants.py."""
+    """Also with the opt-in sense departures of tests/test_model_variants.py."""
     from torch._dynamo.utils import counters
     model = perturb_(tiny("backpack", vocab_size=20, **variant))
     idx = torch.randint(0, 20, (2, T))

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import checkpoint_dict, load_model, save_checkpoint
+from checkpoint import checkpoint_dict, load_model, save_checkpoint
 from configurator import run_cli
 from conftest import REPO
 from model import build_model

@@ -20,7 +20,8 @@ import pytest
 
 import sample
 import train
-from common import Tokenizer, UserError, gpt2_encoding, load_checkpoint
+from checkpoint import load_checkpoint
+from common import Tokenizer, UserError, gpt2_encoding
 from configurator import parse_config
 from conftest import REPO, SHAKESPEARE, SHAKESPEARE_IS_FULL, shared_file
 

@@ -10,10 +10,12 @@ import pytest
 import torch
 
 import sample
-from common import Tokenizer, checkpoint_dict, load_model, save_checkpoint
+from checkpoint import checkpoint_dict, load_model, save_checkpoint
+from common import Tokenizer
 from configurator import run_cli
 from conftest import REPO
-from model import GPT, build_model
+from generate import generate
+from model import build_model
 
 ITOS = sorted(set("ROMEO:JULIET abcdefghijklmnopqrstuvwxyz\n.,;!?'"))
 SEP = sample.SEPARATOR + "\n"
@@ -49,7 +51,7 @@ def run(capsys, out_dir, *flags) -> str:
 def greedy(out_dir, prompt: str, n: int, **kw) -> list[int]:
     model, tok = load_model("resume", out_dir, "cpu")
     ids = tok.encode(prompt)
-    return model.generate([ids], n, temperature=0, vocab_limit=tok.vocab_size, **kw)[0][len(ids):].tolist()
+    return generate(model, [ids], n, temperature=0, vocab_limit=tok.vocab_size, **kw)[0][len(ids):].tolist()
 
 
 BAD = [
@@ -61,7 +63,8 @@ BAD = [
     (["--top_p=0"], r"top_p must be in \(0, 1\] \(got 0.0\)"),
     (["--top_p=1.5"], r"top_p must be in \(0, 1\] \(got 1.5\)"),
     (["--num_beams=0"], r"num_beams must be >= 1 \(got 0\)"),
-    (["--num_beams=2", "--num_samples=2"], r"beam search is deterministic, .*pass --num_samples=1"),
+    (["--num_beams=2", "--num_samples=3"], r"--num_samples=3 but beam search keeps only --num_beams=2 hypotheses; "
+                                          r"pass --num_samples=2 or fewer"),
     (["--repetition_penalty=0"], r"repetition_penalty must be > 0 \(got 0.0\)"),
     (["--stop=€x"], r"characters \['€'\] are not in this model's character vocabulary; remove them from the stop"),
     (["--start=ROMEO € ½"], r"characters \['½', '€'\] are not in .* vocabulary; remove them from the prompt"),
@@ -116,12 +119,11 @@ def test_top_k_zero_keeps_every_token(ckpt, capsys, monkeypatch):
     """--top_k=0 reaches generate as None (off), samples like top_k = the whole vocab, and generate is
     told the tokenizer's vocab size so the padded rows (64 - len(ITOS)) are never sampled."""
     seen = []
-    original = GPT.generate
 
-    def spy(self, *args, **kw):
+    def spy(*args, **kw):
         seen.append(kw)
-        return original(self, *args, **kw)
-    monkeypatch.setattr(GPT, "generate", spy)
+        return generate(*args, **kw)
+    monkeypatch.setattr(sample, "generate", spy)
     flags = ["--start=ROMEO:", "--num_samples=2", "--max_new_tokens=30", "--temperature=1.0", "--seed=3"]
     off = run(capsys, ckpt, *flags, "--top_k=0")
     assert seen[0]["top_k"] is None and seen[0]["vocab_limit"] == len(ITOS) and seen[0]["top_p"] is None
@@ -171,6 +173,29 @@ def test_beam_search(ckpt, capsys):
     assert out == "ROMEO:" + "".join(ITOS[i] for i in new) + "\n" + SEP
 
 
+def test_beam_search_prints_the_n_best_beams(ckpt, capsys):
+    """--num_samples=n with --num_beams=b >= n prints the n best beams, best first, each prompt in turn
+    (transformers' num_return_sequences), and the first is what --num_samples=1 prints."""
+    out = run(capsys, ckpt, "--start=ROMEO:\nx", "--prompt_per_line=True", "--num_samples=3", "--max_new_tokens=8",
+              "--num_beams=4")
+    model, tok = load_model("resume", ckpt, "cpu")
+    expected = []
+    for p in ("ROMEO:", "x"):
+        ids = tok.encode(p)
+        rows = generate(model, [ids], 8, num_beams=4, num_return_sequences=3, vocab_limit=tok.vocab_size)
+        expected += [p + tok.decode(r[len(ids):].tolist()) + "\n" for r in rows]
+    assert out.split(SEP) == expected + [""]
+    assert len(set(expected[:3])) == 3  # three different beams, not one printed three times
+    assert out.startswith(run(capsys, ckpt, "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=8",
+                              "--num_beams=4"))
+
+
+def test_prompt_is_an_alias_of_start(ckpt, capsys):
+    flags = ["--num_samples=1", "--max_new_tokens=10", "--temperature=0"]
+    assert run(capsys, ckpt, "--prompt=JULIET:", *flags) == run(capsys, ckpt, "--start=JULIET:", *flags)
+    assert run(capsys, ckpt, "--prompt=JULIET:", *flags).startswith("JULIET:")
+
+
 def test_stream_equals_final_text(ckpt, capsys):
     flags = ["--start=ROMEO:", "--num_samples=2", "--max_new_tokens=25", "--temperature=1.0", "--top_p=0.9",
              "--repetition_penalty=1.2", "--seed=11", "--stop=' e'"]
@@ -201,3 +226,91 @@ def test_unknown_characters_with_an_unk_entry():
     assert sample.encode(tok, "ROMEO:<|endoftext|>", "prompt")[-1] == len(ITOS)
     with pytest.raises(sample.UserError, match=r"characters \['€'\] are not in this model's character vocabulary"):
         sample.encode(tok, "ROMEO €", "prompt")
+
+
+def reference(out_dir, prompt: str, n: int, seed: int = 1337, **options) -> str:
+    """What sample.py must print for one prompt and --num_samples=1: the prompt and generate()'s
+    continuation under the same seed and options, the padded vocab rows excluded."""
+    model, tok = load_model("resume", out_dir, "cpu")
+    ids = tok.encode(prompt)
+    torch.manual_seed(seed)
+    new = generate(model, [ids], n, vocab_limit=tok.vocab_size, **options)[0][len(ids):].tolist()
+    return prompt + tok.decode(new) + "\n" + SEP
+
+
+@pytest.mark.parametrize("flags,options", [
+    (["--temperature=1.0", "--top_k=0", "--top_p=0.5"], dict(temperature=1.0, top_p=0.5)),
+    (["--temperature=0", "--repetition_penalty=3.0"], dict(temperature=0, repetition_penalty=3.0)),
+    (["--temperature=0.7", "--top_k=3"], dict(temperature=0.7, top_k=3)),
+    (["--temperature=1.0", "--top_k=0", "--use_cache=False"], dict(temperature=1.0, use_cache=False)),
+])
+def test_each_decoding_flag_reaches_generate(ckpt, capsys, flags, options):
+    """The printed sample is generate()'s with exactly these options (and differs from the defaults'),
+    so a flag that is dropped on its way to generate shows."""
+    base = ["--start=ROMEO:", "--num_samples=1", "--max_new_tokens=30", "--seed=5"]
+    out = run(capsys, ckpt, *base, *flags)
+    assert out == reference(ckpt, "ROMEO:", 30, seed=5, **options)
+    if "--use_cache=False" not in flags:  # the cache changes no logit: only the others change the text
+        assert out != run(capsys, ckpt, *base, flags[0])
+
+
+def test_stop_rule_is_on_the_whole_new_text(ckpt, capsys, monkeypatch):
+    """generate is handed stop(new ids) that is True once the decoded new text holds the stop string,
+    wherever its characters fall across tokens."""
+    seen = []
+
+    def spy(*args, **kw):
+        seen.append(kw)
+        return generate(*args, **kw)
+    monkeypatch.setattr(sample, "generate", spy)
+    run(capsys, ckpt, "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=5", "--stop=' e'")
+    _, tok = load_model("resume", ckpt, "cpu")
+    stop = seen[0]["stop"]
+    assert stop(tok.encode("ab e")) and stop(tok.encode(" e"))
+    assert not stop(tok.encode("ab ")) and not stop(tok.encode("e "))
+
+
+def test_stop_inside_a_longer_token_cuts_the_text(ckpt, tmp_path, capsys):
+    """A stop string that ends inside a token's text (here inside '<|endoftext|>', a token the greedy
+    text emits): the sample is printed up to the end of the stop string, streamed or not."""
+    new = greedy(ckpt, "ROMEO:", 30)
+    prompt_ids = set(Tokenizer({"kind": "char", "itos": ITOS}).encode("ROMEO:"))
+    eot = next(t for t in new[2:] if t not in prompt_ids)
+    itos = [("<|endoftext|>" if i == eot else c) for i, c in enumerate(ITOS)]
+    model, _ = load_model("resume", ckpt, "cpu")
+    out_dir = write_checkpoint(tmp_path / "eot", model, itos, eot_id=eot)
+    text = "".join(itos[i] for i in new)
+    expected = "ROMEO:" + text[:text.index("text") + len("text")] + "\n" + SEP  # "...<|endoftext" at the latest
+    for stream in ("True", "False"):
+        assert run(capsys, out_dir, "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=30", "--temperature=0",
+                   "--stop_at_eot=False", "--stop=text", f"--stream={stream}") == expected
+
+
+def test_streamer_waits_for_whole_characters_of_a_byte_vocab(capsys):
+    """Tokens that are single UTF-8 bytes (no tokenizer download needed): a character of several bytes
+    reaches stdout only once all its bytes have arrived, and the pieces add up to the text."""
+    text = "naïve €5 😀!"
+    streamer = sample.Streamer(lambda ids: bytes(ids).decode("utf-8", errors="replace"))
+    pieces = []
+    for b in text.encode("utf-8"):
+        capsys.readouterr()
+        streamer(torch.tensor([b]))
+        pieces.append(capsys.readouterr().out)
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    assert pieces[text.encode().index("€".encode()):][:3] == ["", "", "€"]
+    streamer(torch.tensor([-1]))  # a row that already ended prints nothing
+    assert capsys.readouterr().out == ""
+
+
+def test_use_cache_and_greedy_reach_generate_as_given(ckpt, capsys, monkeypatch):
+    """--use_cache=False and --temperature=0 (exactly greedy, not a small temperature) reach generate."""
+    seen = []
+
+    def spy(*args, **kw):
+        seen.append(kw)
+        return generate(*args, **kw)
+    monkeypatch.setattr(sample, "generate", spy)
+    run(capsys, ckpt, "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=3", "--use_cache=False")
+    run(capsys, ckpt, "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=3", "--temperature=0")
+    assert [kw["use_cache"] for kw in seen] == [False, True]
+    assert [kw["temperature"] for kw in seen] == [0.8, 0.0]

@@ -1,11 +1,12 @@
 """
 Parity of pretrained loading and export at full size: max |difference| between our models and the
-references of tests/test_pretrained.py (GPT-2 124M, Backpack-Small 170M, Backpack-Micro for the flash
+references the tests hold (tests/test_hf.py: transformers' GPT2LMHeadModel and RefBackpackLM, written
+in the published layout; tests/test_convert_flash_ckpt.py: the spec's math on a flash state dict): GPT-2 124M, Backpack-Small 170M, Backpack-Micro for the flash
 converter; random weights, every parameter perturbed) on one batch of 2 x 512 tokens, loading and
 exporting. Offline (with GPT2_BPE_DIR: exports write GPT-2's tokenizer files), CPU, a minute
 or two:
 
-    python tests/measure_hf_parity.py
+    python experiments/hf_parity.py
 """
 
 import json
@@ -15,15 +16,7 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from safetensors.torch import save_file  # noqa: E402
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel  # noqa: E402
-
-import convert_flash_ckpt  # noqa: E402
-from model import GPT, Backpack  # noqa: E402
-from test_pretrained import (RefBackpackLM, backpack_config, flash_logits, flash_state_dict, ids,  # noqa: E402
-                             max_diff)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def perturb_(module, std=0.02, seed=0):
@@ -37,16 +30,26 @@ def perturb_(module, std=0.02, seed=0):
 
 @torch.no_grad()
 def main():
+    # the references live with the tests; transformers and safetensors are needed for them (requirements.txt)
+    sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
+    from safetensors.torch import save_file
+    from test_convert_flash_ckpt import flash_logits, flash_state_dict
+    from test_hf import RefBackpackLM, backpack_config, ids, max_diff
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    import convert_flash_ckpt
+    import hf
+    from model import GPT, Backpack
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
         ref = perturb_(GPT2LMHeadModel(GPT2Config(bos_token_id=50256, eos_token_id=50256))).eval()
         ref.save_pretrained(folder)
-        ours = GPT.from_pretrained(folder).eval()
+        ours = hf.load_pretrained(GPT, folder).eval()
         x = ids(50257, 512)
         theirs = ref(x).logits
         print(f"gpt2-size (12x768, V 50257): max |logits diff| {max_diff(ours(x)[0], theirs):.2e} "
               f"(|logits| up to {theirs.abs().max():.1f})")
-        ours.save_pretrained(os.path.join(folder, "export"))
+        hf.save_pretrained(ours, os.path.join(folder, "export"))
         exported = GPT2LMHeadModel.from_pretrained(os.path.join(folder, "export")).eval()
         print(f"  exported back to transformers: max |logits diff| {max_diff(exported(x).logits, ours(x)[0]):.2e}")
 
@@ -58,14 +61,14 @@ def main():
         tied_copies = ("lm_head.weight", "backpack.word_embeddings.weight", "backpack.position_embeddings.weight")
         state = {k: v.clone() for k, v in ref.state_dict().items() if k not in tied_copies}
         save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-        ours = Backpack.from_pretrained(folder).eval()
+        ours = hf.load_pretrained(Backpack, folder).eval()
         x = ids(50264, 512)
         logits, alpha = ref(x)
         print(f"backpack-small-size (12x768, k 16, V 50264, 512 positions): max |logits diff| "
               f"{max_diff(ours(x)[0], logits):.2e} (|logits| up to {logits.abs().max():.1f}), "
               f"max |contextualization diff| {max_diff(ours.contextualization(x), alpha):.2e}")
-        ours.save_pretrained(os.path.join(folder, "export"))  # the padding rows past GPT-2's 50257 ids are cut
-        back = Backpack.from_pretrained(os.path.join(folder, "export")).eval()
+        hf.save_pretrained(ours, os.path.join(folder, "export"))  # the padding rows past GPT-2's 50257 ids are cut
+        back = hf.load_pretrained(Backpack, os.path.join(folder, "export")).eval()
         x, mine = ids(50257, 512), ours(ids(50257, 512))[0][..., :50257]
         print(f"  exported and loaded back: max |logits diff| {max_diff(back(x)[0], mine):.2e}")
         remote = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "export"), trust_remote_code=True).eval()
@@ -77,7 +80,7 @@ def main():
         torch.save({"state_dict": {"model." + k: v for k, v in state.items()}}, os.path.join(folder, "x.ckpt"))
         convert_flash_ckpt.main(convert_flash_ckpt.ConvertConfig(ckpt=os.path.join(folder, "x.ckpt"),
                                                                  export_dir=os.path.join(folder, "hf")))
-        ours = Backpack.from_pretrained(os.path.join(folder, "hf")).eval()
+        ours = hf.load_pretrained(Backpack, os.path.join(folder, "hf")).eval()
         x = ids(50257, 512)
         reference = flash_logits(state, x, n_head=6, n_senses=16)[..., :50257]  # the export keeps GPT-2's ids
         print(f"flash micro (6x384, k 16): max |logits diff| {max_diff(ours(x)[0], reference):.2e} "

@@ -2,10 +2,10 @@
 The paper's language-modeling evaluation (Section 4, Table 2) with the current lm-evaluation-harness
 (PyPI lm-eval 0.4.x): no fork, no plugin flag. Any model of this repo, any of its tokenizers:
 
-    python experiments/lm_eval.py --init_from=backpack-small --device=cuda     # the published Backpack-Small
-    python experiments/lm_eval.py --init_from=hf-backpack-small --device=cuda  # from convert_flash_ckpt.py
-    python experiments/lm_eval.py --init_from=gpt2 --tasks=lambada_openai --limit=200
-    python experiments/lm_eval.py --out_dir=out-shakespeare-char --include_path=tests/fixtures/lm_eval \\
+    python experiments/eval_harness.py --init_from=backpack-small --device=cuda     # the published Backpack-Small
+    python experiments/eval_harness.py --init_from=hf-backpack-small --device=cuda  # from convert_flash_ckpt.py
+    python experiments/eval_harness.py --init_from=gpt2 --tasks=lambada_openai --limit=200
+    python experiments/eval_harness.py --out_dir=out-shakespeare-char --include_path=tests/fixtures/lm_eval \\
         --tasks=tiny_rolling,tiny_lambada,blimp_tiny
 
 The default tasks are the paper's: wikitext (word perplexity), lambada_openai (perplexity, accuracy)
@@ -17,13 +17,19 @@ How the model is scored (class NanoLM):
 - log-probabilities over the tokenizer's ids only: the rows of a padded vocabulary (50264, 50304) get
   no probability, as in the paper's harness (it cut the logits to GPT-2's 50257);
 - every document starts after the end-of-text token (<|endoftext|> for GPT-2 BPE, [SEP] for Chinese
-  BERT); a character vocabulary without one starts after a newline;
+  BERT); a vocabulary without one (nanoGPT's character ones) starts after a newline;
 - perplexity uses lm-eval's own rolling windows, max length = the model's block size;
+- a long context is cut from the left, as HFLM cuts it; a continuation longer than the block size is
+  a one-line error. A generated answer keeps the last block_size - max_gen_toks prompt tokens in view
+  (HFLM's rule); one that alone fills the window slides past it after a full window of prompt;
 - BLiMP is scored as the paper did: each sentence alone after the end-of-text token, with no leading
   space. lm-eval 0.4 puts a space in front of it (its target_delimiter); this script sets the
   delimiter of every blimp_* task to "" (--blimp_leading_space=True keeps lm-eval 0.4's way);
 - a character-level model refuses documents with characters outside its vocabulary, naming them, or
-  with --skip_unknown=True skips those documents and says how many.
+  with --skip_unknown=True skips those documents and says how many (<|endoftext|> written in a
+  document is the end-of-text token, not unknown characters);
+- a Hugging Face directory whose config.json names no tokenizer of this repo is read with its own
+  tokenizer files (vocab.json + merges.txt, or tokenizer.json), offline.
 
 Output: lm-eval's progress bars and table, then as the last line one JSON object {task: {metric:
 value}} with lm-eval's metric names (acc, perplexity, word_perplexity, ...) without the filter suffix.
@@ -35,30 +41,19 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
+from lm_eval import simple_evaluate, utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __name__ == "__main__":
     sys.path[0] = REPO  # run as a script: the repo's modules are imported from its root, not from here
-# This file is named after the lm_eval package it uses. Wherever this folder is on sys.path (tests of
-# the other experiments put it there), `import lm_eval` could find this file instead of the package:
-# import the package with the folder hidden, and if this file was imported under the package's name,
-# step aside so that the importer gets the package.
-if __name__ == "lm_eval":
-    del sys.modules["lm_eval"]
-_path = sys.path[:]
-sys.path[:] = [p for p in _path if os.path.abspath(p or os.curdir) != HERE]
-try:
-    from lm_eval import simple_evaluate, utils
-    from lm_eval.api.model import TemplateLM
-    from lm_eval.api.registry import register_model
-finally:
-    sys.path[:] = _path
 
+from checkpoint import load_model  # noqa: E402
 from common import (Tokenizer, UserError, autocast_context, did_you_mean, first_line,  # noqa: E402
-                    load_model, resolve_device, resolve_dtype)
+                    resolve_device, resolve_dtype)
 from configurator import run_cli  # noqa: E402
+from generate import generate  # noqa: E402
 
 PAPER_TASKS = "wikitext,lambada_openai,blimp"
 
@@ -88,10 +83,33 @@ def document_prefix(tokenizer: Tokenizer) -> int:
     have none) a newline, the boundary of their corpora."""
     if tokenizer.eot_id is not None:
         return tokenizer.eot_id
-    if tokenizer.chars is None or "\n" not in tokenizer.chars.itos:
+    try:
+        ids = tokenizer.encode("\n")
+    except UserError:  # a character vocabulary without "\n" and without [UNK]
+        ids = []
+    if len(ids) != 1 or tokenizer.decode(ids) != "\n":  # decode: "\n" may have become [UNK]
         raise UserError("this vocabulary has neither an end-of-text token nor a newline to start documents "
                         "after; lm-eval needs one of them")
-    return tokenizer.chars.itos.index("\n")
+    return ids[0]
+
+
+def scoring_row(context: list[int], continuation: list[int], max_length: int) -> list[int]:
+    """The ids the model reads to score a continuation in one forward pass: as lm-eval's HFLM, the
+    last max_length tokens before each predicted one, so a long context is cut from the left. The
+    continuation itself must fit: its first token is predicted from the last context token."""
+    if len(continuation) > max_length:
+        raise UserError(f"lm-eval asks for the log-probability of a {len(continuation)}-token continuation, longer "
+                        f"than this model's block_size {max_length}; leave out the task or use a model with a "
+                        f"block_size >= {len(continuation)}")
+    return (context + continuation)[-(max_length + 1):][:-1]
+
+
+def generation_context(ids: list[int], max_new: int, max_length: int) -> list[int]:
+    """The prompt ids generate_until keeps. As HFLM: the last max_length - max_new, so that the whole
+    answer is generated with all of them in view. When the answer alone fills the window (max_new >=
+    max_length, which HFLM refuses), generate() slides its window as sample.py does; the prompt then
+    keeps a full window, so the answer starts from as much of it as the model can see."""
+    return ids[-(max_length - max_new if max_new < max_length else max_length):]
 
 
 class NanoLM(TemplateLM):
@@ -144,11 +162,11 @@ class NanoLM(TemplateLM):
         (sum of the continuation's log-probabilities, whether greedy decoding gives it)."""
         results = [None] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+        from tqdm import tqdm
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests")
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
-            # as HFLM: the last max_length tokens before each predicted one, truncated from the left
-            rows = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):][:-1] for i in batch]
+            rows = [scoring_row(requests[i][1], requests[i][2], self.max_length) for i in batch]
             log_probs = self._log_probs(rows)
             for i, row, lp in zip(batch, rows, log_probs):
                 string, _, cont = requests[i]
@@ -179,8 +197,9 @@ class NanoLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """model.generate until a stop string or end-of-text; greedy unless the task samples."""
+        """generate() until a stop string or end-of-text; greedy unless the task samples."""
         out = []
+        from tqdm import tqdm
         for req in tqdm(requests, disable=disable_tqdm, desc="Running generate_until requests"):
             context, gen_kwargs = req.args
             kwargs = dict(gen_kwargs)
@@ -188,13 +207,13 @@ class NanoLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
             temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
-            ids = self.tok_encode(context)[-max(self.max_length - max_new, 1):]
+            ids = generation_context(self.tok_encode(context), max_new, self.max_length)
             x = torch.tensor([ids], dtype=torch.long, device=self._device)
             with torch.no_grad(), self.autocast:
-                y = self.model.generate(x, max_new, temperature=temperature, top_k=kwargs.get("top_k"),
-                                        top_p=kwargs.get("top_p"), eos_id=self.tokenizer.eot_id,
-                                        stop=lambda new: any(s in self.tokenizer.decode(new) for s in until),
-                                        vocab_limit=self.vocab_size)
+                y = generate(self.model, x, max_new, temperature=temperature, top_k=kwargs.get("top_k"),
+                             top_p=kwargs.get("top_p"), eos_id=self.tokenizer.eot_id,
+                             stop=lambda new: any(s in self.tokenizer.decode(new) for s in until),
+                             vocab_limit=self.vocab_size)
             new = [t for t in y[0, len(ids):].tolist() if t >= 0 and t != self.tokenizer.eot_id]
             text = self.tokenizer.decode(new)
             for s in until:  # the answer ends before its stop string, as lm-eval's own models cut it
@@ -204,10 +223,13 @@ class NanoLM(TemplateLM):
         return out
 
 
-try:  # lm-eval's registry knows the class by name; `lm_eval --model` would need this file as a plugin
-    register_model("nanobackpacklm")(NanoLM)
-except ValueError:  # this file was loaded twice in one process (under two module names): the first stands
-    pass
+def register():
+    """Name NanoLM in lm-eval's model registry ("nanobackpacklm", for lm-eval's get_model). main does
+    it, not the import: importing a script changes nothing global."""
+    try:
+        register_model("nanobackpacklm")(NanoLM)
+    except ValueError:  # the name holds this file's class loaded under another module name: that one stands
+        pass
 
 
 # -----------------------------------------------------------------------------
@@ -254,12 +276,14 @@ def strings_in(doc) -> list[str]:
 def check_characters(tasks: dict, tokenizer: Tokenizer, skip: bool) -> dict:
     """For a character vocabulary: refuse, or with skip drop, the documents of each task that hold
     characters outside it. Returns {task: documents skipped}."""
+    def unknown(doc) -> set:  # <|endoftext|> in a document is known: encoding makes it the end-of-text id
+        return set().union(*(tokenizer.chars.unknown_chars(s, tokenizer.eot_id) for s in strings_in(doc)))
+
     skipped = {}
     for name, task in tasks.items():
         split = task.config.test_split if task.has_test_docs() else task.config.validation_split
         docs = task.dataset[split]
-        bad = {i: chars for i, doc in enumerate(docs)
-               if (chars := set().union(*(tokenizer.chars.unknown_chars(s) for s in strings_in(doc))))}
+        bad = {i: chars for i, doc in enumerate(docs) if (chars := unknown(doc))}
         if not bad:
             continue
         chars = sorted(set().union(*bad.values()))
@@ -293,6 +317,7 @@ def main(cfg: EvalConfig):
     if cfg.batch_size < 1 or cfg.limit < 0 or cfg.max_gen_toks < 1:
         raise UserError(f"--batch_size and --max_gen_toks must be >= 1 and --limit >= 0 (got {cfg.batch_size}, "
                         f"{cfg.max_gen_toks}, {cfg.limit})")
+    register()
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     model, tokenizer = load_model(cfg.init_from, cfg.out_dir, device)

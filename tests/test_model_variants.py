@@ -10,7 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import UserError, load_checkpoint, model_from_checkpoint
+import hf
+from checkpoint import load_checkpoint, model_from_checkpoint
+from common import UserError
+from generate import generate
 from model import VARIANT_FIELDS, Backpack, BackpackConfig, build_model
 from test_model import grads, perturb_, reference_alpha, reference_senses, tiny
 from test_train import char_data, tiny_cfg  # noqa: F401 (char_data is a fixture)
@@ -158,8 +161,8 @@ def test_alpha_dropout_only_while_training():
 def test_generation_cache_equals_uncached(variant):
     model = perturb_(tiny("backpack", **variant)).eval()
     prompt = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(0))
-    fast = model.generate(prompt, 30, temperature=0, use_cache=True)
-    slow = model.generate(prompt, 30, temperature=0, use_cache=False)
+    fast = generate(model, prompt, 30, temperature=0, use_cache=True)
+    slow = generate(model, prompt, 30, temperature=0, use_cache=False)
     assert torch.equal(fast, slow)
 
 
@@ -200,11 +203,11 @@ def test_export_round_trips_and_transformers_agrees(tmp_path, variant):
     from transformers import AutoModelForCausalLM
 
     import hf
-    from test_export import CHAR_SPEC, perturbed
+    from test_export_hf import CHAR_SPEC, perturbed
     model = perturbed("backpack", len(CHAR_SPEC["itos"]), **variant)
     hf.save_pretrained(model, str(tmp_path), CHAR_SPEC)
     x = torch.randint(0, len(CHAR_SPEC["itos"]), (2, 20), generator=torch.Generator().manual_seed(1))
-    back = Backpack.from_pretrained(str(tmp_path)).eval()
+    back = hf.load_pretrained(Backpack, str(tmp_path)).eval()
     assert back.config.departures() == model.config.departures()
     theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path), trust_remote_code=True).eval()
     with torch.no_grad():
@@ -224,8 +227,8 @@ def test_published_config_without_the_fields_is_the_paper(tmp_path):
     for key in VARIANT_FIELDS:
         del config[key]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    assert Backpack.from_pretrained(str(tmp_path)).config.departures() == {}
+    assert hf.load_pretrained(Backpack, str(tmp_path)).config.departures() == {}
     config["sense_norm"] = "batch"
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="unknown sense_norm='batch'"):
-        Backpack.from_pretrained(str(tmp_path))
+        hf.load_pretrained(Backpack, str(tmp_path))

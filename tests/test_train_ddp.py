@@ -14,9 +14,10 @@ import time
 import pytest
 import torch
 
-from common import load_checkpoint
+from checkpoint import load_checkpoint
 from conftest import REPO, TINY_TRAIN, cli_args
-from train import TrainConfig, is_peer_failure, main
+from runs import GradientSync, PeerLost, collective
+from train import TrainConfig, get_lr, main
 
 
 def torchrun(args: list[str], log_path, **popen) -> subprocess.Popen:
@@ -54,6 +55,17 @@ def wait_for(condition, timeout: float, what: str):
         time.sleep(0.1)
 
 
+def adam_step_bound(beta1: float, beta2: float, steps: int) -> float:
+    """The largest |m_hat| / sqrt(v_hat) Adam can reach within `steps` steps, whatever the gradients:
+    by Cauchy-Schwarz, sqrt(sum_i a_i^2 / b_i) for m_hat = sum a_i g_i and v_hat = sum b_i g_i^2."""
+    worst = 0.0
+    for t in range(1, steps + 1):
+        a = [(1 - beta1) * beta1 ** (t - i) / (1 - beta1 ** t) for i in range(1, t + 1)]
+        b = [(1 - beta2) * beta2 ** (t - i) / (1 - beta2 ** t) for i in range(1, t + 1)]
+        worst = max(worst, sum(x * x / y for x, y in zip(a, b)) ** 0.5)
+    return worst
+
+
 def steps_logged(out_dir) -> int:
     path = os.path.join(out_dir, "steps.jsonl")
     return len(read_jsonl(path)) if os.path.exists(path) else 0
@@ -77,11 +89,20 @@ def test_two_ranks_match_one_process(tiny_char_data, tmp_path, model_type):
     for a, b in zip(evals_one, evals_two):  # eval losses are averaged over the ranks' share of batches
         assert abs(a["val_loss"] - b["val_loss"]) < 1e-5 and abs(a["train_loss"] - b["train_loss"]) < 1e-5
     a, b = load_checkpoint(str(tmp_path / "one" / "ckpt.pt")), load_checkpoint(str(tmp_path / "two" / "ckpt.pt"))
-    # Weights agree less tightly than losses: the key part of c_attn.bias has a gradient that is zero
-    # in exact arithmetic (softmax ignores a shift shared by all keys), so it holds rounding noise,
-    # which Adam's g / sqrt(v) scales up to lr-sized steps whose sign follows the reduction order.
+    # The two runs sum the same float32 gradients in another order (2 ranks x 2 micro-steps, then an
+    # all-reduce, against 4 micro-steps in a row). Where a gradient is real, that changes it by rounding
+    # only, and the weights agree to ~1e-6 (2e-5 allowed). The key part of every c_attn.bias has a
+    # gradient that is zero in exact arithmetic (softmax ignores a shift shared by all keys): there both
+    # runs follow rounding noise, which Adam's m / sqrt(v) scales to steps of up to adam_bound * lr each,
+    # in either direction. Those entries may differ by twice the sum of such steps.
+    cfg = TrainConfig(**kw)
+    lr_sum = sum(get_lr(it, cfg) for it in range(cfg.max_iters))
+    noise = 2 * adam_step_bound(cfg.beta1, cfg.beta2, cfg.max_iters) * lr_sum
     for name in a["model"]:
-        torch.testing.assert_close(a["model"][name], b["model"][name], atol=1e-4, rtol=0)
+        atol = torch.full_like(a["model"][name], 2e-5)
+        if name.endswith("c_attn.bias"):
+            atol[cfg.n_embd:2 * cfg.n_embd] = noise  # [query | key | value] (the sense weights: [query | key])
+        assert ((a["model"][name] - b["model"][name]).abs() <= atol).all(), name
     log = open(tmp_path / "two.log").read()
     assert log.count("step 6: train loss") == 1 and log.count("iter 5: loss") == 1  # rank 0 prints, once
     assert sorted(os.listdir(tmp_path / "two")) == ["ckpt.pt", "loss.png", "metrics.jsonl", "steps.jsonl"]
@@ -166,12 +187,82 @@ def test_a_failed_save_on_rank_0_ends_every_rank_at_once(tiny_char_data, tmp_pat
 
 
 @pytest.mark.parametrize("error,peer", [
+    (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:1"), True),
+    (RuntimeError("[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(OpType=ALLREDUCE)"), True),
     (torch.distributed.DistBackendError("NCCL communicator was aborted on rank 1."), True),
-    (RuntimeError("[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7, OpType=ALLREDUCE)"), True),
-    (RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1970, remote process exited or there was a network error"), True),
-    (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234"), True),
-    (torch.distributed.DistNetworkError("Connection reset by peer"), True),
-    (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x3)"), False),
+    (torch.OutOfMemoryError("CUDA out of memory"), False),
+    (ValueError("not from torch.distributed"), False),
 ])
-def test_peer_failures_are_recognised_for_gloo_and_nccl(error, peer):
-    assert is_peer_failure(error) == peer
+def test_a_lost_peer_is_told_by_where_the_error_came_from(error, peer):
+    """Inside a collective a RuntimeError came from the other ranks (the source path is cut from the
+    reason); out of memory is local; with one process there are no peers to lose."""
+    with pytest.raises(PeerLost if peer else type(error)) as caught:
+        with collective(True):
+            raise error
+    if peer:
+        assert "pair.cc" not in str(caught.value) and caught.value.__cause__ is error
+    with pytest.raises(type(error)):
+        with collective(False):
+            raise error
+
+
+def test_in_the_synced_backward_only_a_failed_all_reduce_is_a_lost_peer():
+    """The backward DDP syncs in also runs local work: a local error there stays itself, whatever it
+    says, and an error is a lost peer only once the gradient all-reduce (GradientSync) saw it fail."""
+    sync = GradientSync()
+    local = RuntimeError("gloo: Timed out, Broken pipe (a local error that only says so)")
+    with pytest.raises(RuntimeError) as caught:
+        with collective(True, sync):
+            raise local
+    assert caught.value is local
+    for said in ("[../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms for recv",
+                 "Got the following error when running the callback: RuntimeError: [/__w/pytorch/third_party/gloo/"
+                 "gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms for recv"):  # as a future wraps it
+        sync.failure = RuntimeError(said)
+        with pytest.raises(PeerLost, match=r"^Timed out waiting 3000ms for recv$"):
+            with collective(True, sync):
+                raise RuntimeError("what the autograd engine re-raised")
+
+
+LOCAL_FAILURE = """
+import sys
+sys.argv[0] = "train.py"
+import os, torch, model, train
+from configurator import run_cli
+forward = model.GPT.forward
+
+class Boom(torch.autograd.Function):  # rank 1's own bug in its backward, worded like a transport error
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("local bug: gloo Timed out Broken pipe")
+
+def failing(self, idx, targets=None):
+    logits, loss = forward(self, idx, targets)
+    if os.environ["RANK"] == "1" and self.training:
+        loss = Boom.apply(loss)
+    return logits, loss
+
+model.GPT.forward = failing
+run_cli(train.main, train.TrainConfig)
+"""
+
+
+def test_a_local_error_worded_like_a_peer_failure_keeps_its_traceback(tiny_char_data, tmp_path):
+    """Rank 1 fails in its own backward (the one DDP syncs in) with a message that mentions gloo, a timeout and a broken pipe:
+    rank 1 shows its traceback (it did not lose a peer); rank 0 is the one that lost contact."""
+    script = tmp_path / "train_failing.py"
+    script.write_text(LOCAL_FAILURE)
+    kw = dict(TINY_TRAIN, data_dir=tiny_char_data, out_dir=tmp_path / "out", model_type="gpt", max_iters=20,
+              gradient_accumulation_steps=2, ddp_timeout=30)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           *cli_args(**kw)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    log = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert "RuntimeError: local bug: gloo Timed out Broken pipe" in log and "Traceback" in log, log
+    assert "rank 1 lost contact" not in log, log

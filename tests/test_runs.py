@@ -11,13 +11,16 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
 
-import common
+import model as models
+import runs
 import train
-from common import UserError, load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
+from common import UserError
 from conftest import REPO, TINY_TRAIN, cli_args
 from train import TrainConfig, main
 
@@ -80,7 +83,7 @@ def test_signal_saves_a_resumable_checkpoint(tiny_char_data, tmp_path, sig, alwa
 
     main(tiny(tiny_char_data, out, init_from="resume", max_iters=stopped_at + 3, **kw))
     main(tiny(tiny_char_data, tmp_path / "straight", max_iters=stopped_at + 3, **kw))
-    (_, a), (_, b) = train.load_resume_checkpoint(str(out)), train.load_resume_checkpoint(str(tmp_path / "straight"))
+    (_, a), (_, b) = runs.load_resume_checkpoint(str(out)), runs.load_resume_checkpoint(str(tmp_path / "straight"))
     b["best_val_loss"] = a["best_val_loss"]  # the runs evaluated at different iterations
     assert_same_state(a, b)
 
@@ -114,10 +117,10 @@ def test_resume_picks_the_newer_file_and_the_lower_best(tiny_char_data, tmp_path
     main(tiny(tiny_char_data, tmp_path, max_iters=3, model_type="gpt"))
     ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
     save_checkpoint(dict(ckpt, iter_num=2, best_val_loss=0.5), str(tmp_path / "ckpt_last.pt"))
-    path, chosen = train.load_resume_checkpoint(str(tmp_path))
+    path, chosen = runs.load_resume_checkpoint(str(tmp_path))
     assert path.endswith("ckpt.pt") and chosen["iter_num"] == 3 and chosen["best_val_loss"] == 0.5
     save_checkpoint(dict(ckpt, iter_num=4, best_val_loss=9.0), str(tmp_path / "ckpt_last.pt"))
-    path, chosen = train.load_resume_checkpoint(str(tmp_path))
+    path, chosen = runs.load_resume_checkpoint(str(tmp_path))
     assert path.endswith("ckpt_last.pt") and chosen["iter_num"] == 4 and chosen["best_val_loss"] == ckpt["best_val_loss"]
 
 
@@ -137,7 +140,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tiny_char_data, tmp_path, 
         f.write(b"PK\x03\x04 half a checkpoint")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(common.torch, "save", full_disk)
+    monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(UserError, match="No space left on device.*previous checkpoint is intact"):
         main(tiny(tiny_char_data, tmp_path, model_type="gpt", init_from="resume", max_iters=6))
     assert sha(tmp_path / "ckpt.pt") == before and os.listdir(tmp_path).count("ckpt.pt.tmp") == 0
@@ -163,7 +166,7 @@ def poison_training_losses(monkeypatch, bad_steps: set[int], how: str = "loss"):
     calls = []
 
     def build_model(*args, **kwargs):
-        model = common.build_model(*args, **kwargs)
+        model = models.build_model(*args, **kwargs)
         forward = model.forward
 
         def poisoned(idx, targets=None):
@@ -211,7 +214,7 @@ def fake_fp16(monkeypatch):
     one for CPU), while the math stays float32 (no autocast) and MFU uses a made-up peak."""
     monkeypatch.setattr(train, "resolve_dtype", lambda dtype, device: dtype if dtype != "auto" else "float32")
     monkeypatch.setattr(train, "autocast_context", lambda device, dtype: contextlib.nullcontext())
-    monkeypatch.setattr(train, "peak_flops", lambda device, dtype: (1e12, "a test peak"))
+    monkeypatch.setattr(runs, "peak_flops", lambda device, dtype: (1e12, "a test peak"))
 
 
 @pytest.mark.parametrize("first,then", [("float32", "float16"), ("float16", "float32"), ("float16", "float16"),
@@ -263,7 +266,7 @@ def test_resume_does_not_repeat_the_eval(tiny_char_data, tmp_path, capsys):
     main(tiny(tiny_char_data, tmp_path, init_from="resume", **kw))
     out = capsys.readouterr().out
     assert "step 3:" not in out and "iter 3: loss" in out and out.count("saving checkpoint") == 1
-    assert [r["iter"] for r in train.read_jsonl(tmp_path / "metrics.jsonl")] == [0, 3, 6]
+    assert [r["iter"] for r in runs.read_jsonl(tmp_path / "metrics.jsonl")] == [0, 3, 6]
 
     files = {name: sha(tmp_path / name) for name in os.listdir(tmp_path)}
     main(tiny(tiny_char_data, tmp_path, init_from="resume", **kw))
@@ -274,7 +277,7 @@ def test_resume_does_not_repeat_the_eval(tiny_char_data, tmp_path, capsys):
 def test_a_state_saved_by_a_signal_is_evaluated_on_resume(tiny_char_data, tmp_path, monkeypatch, capsys):
     """A stop after iteration 2 saves iter_num 3 before its evaluation ran: resuming runs it."""
     calls = []
-    build = common.build_model
+    build = models.build_model
 
     def build_model(*args, **kwargs):
         model = build(*args, **kwargs)
@@ -296,7 +299,7 @@ def test_a_state_saved_by_a_signal_is_evaluated_on_resume(tiny_char_data, tmp_pa
     monkeypatch.undo()
     main(tiny(tiny_char_data, tmp_path, model_type="gpt", max_iters=6, eval_interval=3, init_from="resume"))
     assert "step 3: train loss" in capsys.readouterr().out
-    assert [r["iter"] for r in train.read_jsonl(tmp_path / "metrics.jsonl")] == [0, 3, 6]
+    assert [r["iter"] for r in runs.read_jsonl(tmp_path / "metrics.jsonl")] == [0, 3, 6]
 
 
 def test_a_new_run_never_replaces_another(tiny_char_data, tmp_path, capsys):
@@ -321,8 +324,8 @@ def test_a_new_run_never_replaces_another(tiny_char_data, tmp_path, capsys):
 
     main(tiny(tiny_char_data, tmp_path, overwrite=True, **dict(kw, max_iters=2, eval_interval=1, keep_last_n=0)))
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "loss.png", "metrics.jsonl", "steps.jsonl"]
-    assert [r["iter"] for r in train.read_jsonl(tmp_path / "metrics.jsonl")] == [0, 1, 2]
-    assert [r["iter"] for r in train.read_jsonl(tmp_path / "steps.jsonl")] == [0, 1]
+    assert [r["iter"] for r in runs.read_jsonl(tmp_path / "metrics.jsonl")] == [0, 1, 2]
+    assert [r["iter"] for r in runs.read_jsonl(tmp_path / "steps.jsonl")] == [0, 1]
     assert load_checkpoint(str(tmp_path / "ckpt.pt"))["iter_num"] == 2
 
     lone = tmp_path / "lone"  # only a periodic checkpoint is left of that run: still a run
@@ -337,10 +340,43 @@ def test_a_torn_log_line_is_skipped(tmp_path):
     the last line. Readers skip it, the next row starts a line of its own, and loss.png (written to a
     temp file, then renamed) still draws."""
     path = str(tmp_path / "metrics.jsonl")
-    train.append_jsonl(path, {"iter": 0, "train_loss": 2.0, "val_loss": 2.1})
+    runs.append_jsonl(path, {"iter": 0, "train_loss": 2.0, "val_loss": 2.1})
     with open(path, "a") as f:
         f.write('{"iter": 1, "train_lo')  # the crash
-    train.append_jsonl(path, {"iter": 2, "train_loss": 1.0, "val_loss": 1.1})
-    assert [r["iter"] for r in train.read_jsonl(path)] == [0, 2]
-    train.plot_losses(path, str(tmp_path / "loss.png"))
+    runs.append_jsonl(path, {"iter": 2, "train_loss": 1.0, "val_loss": 1.1})
+    assert [r["iter"] for r in runs.read_jsonl(path)] == [0, 2]
+    runs.plot_losses(path, str(tmp_path / "loss.png"))
     assert sorted(os.listdir(tmp_path)) == ["loss.png", "metrics.jsonl"]
+
+
+class FakeWandb(types.ModuleType):
+    """Stands in for the wandb package (imported lazily by runs.Run): records every call."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.calls = []
+
+    def init(self, **kwargs):
+        self.calls.append(("init", kwargs))
+
+    def log(self, row):
+        self.calls.append(("log", row))
+
+
+def test_wandb_gets_the_config_once_and_every_eval(tiny_char_data, tmp_path, monkeypatch):
+    """--wandb_log=True: one wandb.init with the project, the run name and the whole config, then one
+    wandb.log per evaluation with the losses and learning rate that metrics.jsonl records."""
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = tiny(tiny_char_data, tmp_path, wandb_log=True, wandb_project="proj", wandb_run_name="1e-3")
+    main(cfg)
+    (kind, init), *logs = fake.calls
+    assert kind == "init" and init["project"] == "proj" and init["name"] == "1e-3"
+    assert init["config"]["max_iters"] == cfg.max_iters and init["config"]["wandb_log"] is True
+    metrics = runs.read_jsonl(str(tmp_path / "metrics.jsonl"))
+    assert [kind for kind, _ in logs] == ["log"] * len(metrics) and [r["iter"] for r in metrics] == [0, 3, 6]
+    for (_, row), m in zip(logs, metrics):
+        assert row == {"iter": m["iter"], "train/loss": m["train_loss"], "val/loss": m["val_loss"], "lr": m["lr"]}
+    fake.calls.clear()
+    main(tiny(tiny_char_data, tmp_path / "quiet"))  # off by default: wandb is never called
+    assert fake.calls == []

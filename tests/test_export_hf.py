@@ -22,6 +22,7 @@ import export_hf  # noqa: E402
 import hf  # noqa: E402
 from common import Tokenizer, UserError  # noqa: E402
 from conftest import GPT2_BPE_DIR  # noqa: E402
+from generate import generate  # noqa: E402
 from model import GPT, Backpack, build_model  # noqa: E402
 
 LETTERS = list(" \n.,;:!?'-abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -77,7 +78,7 @@ def test_auto_classes_give_our_logits_and_greedy_text(tmp_path, request, model_t
     ids = tok.encode(prompt)
     assert hf_tok.encode(prompt) == ids
     x = torch.tensor([ids])
-    ours = model.generate(x, 12, temperature=0, eos_id=tok.eot_id, vocab_limit=tok.vocab_size)[0, len(ids):]
+    ours = generate(model, x, 12, temperature=0, eos_id=tok.eot_id, vocab_limit=tok.vocab_size)[0, len(ids):]
     ours = [t for t in ours.tolist() if t not in (-1, tok.eot_id)]
     with torch.no_grad():
         theirs_ids = theirs.generate(x, max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
@@ -101,7 +102,7 @@ def test_backpack_export_never_loads_as_gpt2(tmp_path):
     with pytest.raises(ValueError, match="trust_remote_code=True"):
         AutoConfig.from_pretrained(str(tmp_path), trust_remote_code=False)
     # this repo reads it back without running any of that code
-    assert isinstance(Backpack.from_pretrained(str(tmp_path)), Backpack)
+    assert isinstance(hf.load_pretrained(Backpack, str(tmp_path)), Backpack)
 
 
 @pytest.mark.parametrize("name", ["char", "nanogpt-char", "bert-chinese", "gpt2"])
@@ -170,7 +171,7 @@ def test_foreign_layer_norm_epsilon_is_refused(tmp_path, layout):
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(dict(config, layer_norm_epsilon=1e-6)))
     with pytest.raises(UserError, match="sets layer_norm_epsilon=1e-06, which this repo's models do not support"):
-        type(model).from_pretrained(str(tmp_path))
+        hf.load_pretrained(type(model), str(tmp_path))
 
 
 @pytest.mark.parametrize("same", ["out", "out/", "./out"])
@@ -179,3 +180,26 @@ def test_export_dir_equal_to_out_dir_is_refused(tmp_path, monkeypatch, same):
     with pytest.raises(UserError, match="--export_dir must differ from --out_dir"):
         export_hf.main(export_hf.ExportConfig(out_dir="out", export_dir=same))
     assert not os.path.exists(tmp_path / "out")  # refused before anything is read or written
+
+
+def test_a_directory_with_its_own_tokenizer_exports_again(tmp_path):
+    """A model loaded from a directory that brought its own tokenizer (vocab.json + merges.txt, read as a
+    "bpe" spec; or a tokenizer.json, an "hf-tokenizer" spec) exports again with tokenizer files that
+    transformers reads as the same tokenizer: the ids of a text are those of our Tokenizer."""
+    from test_eval_harness import _TEXT, train_bpe, without_our_spec, write_bpe_files
+    vocab, merges = train_bpe(_TEXT, 40)
+    hf.save_pretrained(perturbed("gpt", len(vocab)), str(tmp_path / "bpe"), {"kind": "gpt2"})  # no tokenizer files
+    write_bpe_files(without_our_spec(tmp_path / "bpe"), vocab, merges)
+    hf.save_pretrained(perturbed("backpack", len(CHAR_SPEC["itos"])), str(tmp_path / "json"), CHAR_SPEC)
+    without_our_spec(tmp_path / "json")  # keeps tokenizer.json, drops our spec
+    text = "To be, or not to be<|endoftext|>Speak!\n"
+    for name, kind in (("bpe", "bpe"), ("json", "hf-tokenizer")):
+        model_type, spec = hf.identify(str(tmp_path / name))
+        assert spec["kind"] == kind
+        model = hf.load_pretrained(GPT if model_type == "gpt" else Backpack, str(tmp_path / name))
+        hf.save_pretrained(model, str(tmp_path / f"{name}-again"), spec)
+        theirs = AutoTokenizer.from_pretrained(str(tmp_path / f"{name}-again"))
+        ours = Tokenizer(spec)
+        assert theirs(text)["input_ids"] == ours.encode(text) and theirs.decode(ours.encode(text)) == text
+        assert theirs.eos_token_id == ours.eot_id is not None
+        assert hf.identify(str(tmp_path / f"{name}-again"))[1] == spec  # our spec is in config.json again

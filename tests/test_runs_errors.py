@@ -1,4 +1,5 @@
-"""Bad input, one case per row: each must end the program with exit status 2 and ONE line on stderr
+"""runs.py's up-front checks, and every other one-line error of the command lines that share its harness
+(sample.py, the prepare recipes): bad input, one case per row: each must end the program with exit status 2 and ONE line on stderr
 ("error: <problem>; <fix>", no traceback), and must leave every existing checkpoint and data file
 byte for byte as it was, and create no folder. Plus: torch.compile falling back to eager where the
 compiler fails, and only there.
