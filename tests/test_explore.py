@@ -546,15 +546,20 @@ def test_browser_nothing_overflows_sideways(page, url, width):
     assert_stayed_local(page)
 
 
-def test_browser_steer_applies_the_slider_without_add(page, url):
+def open_steer_with_every_sense_of_e(page, url):
+    """The Steer view with TEXT as its prompt, 20 tokens, and every sense of 'e' ticked in the scale row."""
     page.goto(url + "/")
     page.click("nav button[data-view=steer]")
     page.fill("#steer-prompt", TEXT)
     page.fill("#steer-tokens", "20")
-    page.wait_for_selector("#scale-senses input")
     page.fill("#scale-word", "e")
+    page.wait_for_selector("#scale-senses input")  # the sense boxes appear once /api/info answered
     for box in page.locator("#scale-senses input").all():
         box.check()
+
+
+def test_browser_steer_applies_the_slider_without_add(page, url):
+    open_steer_with_every_sense_of_e(page, url)
     page.locator("#scale-factor").fill("4")  # moved, and Add not pressed
     page.click("#steer-go")
     page.wait_for_function("document.getElementById('steer-status').textContent.startsWith('done')")
@@ -576,14 +581,7 @@ def test_browser_steer_applies_the_slider_without_add(page, url):
 
 
 def test_browser_steer_view(page, url):
-    page.goto(url + "/")
-    page.click("nav button[data-view=steer]")
-    page.fill("#steer-prompt", TEXT)
-    page.fill("#steer-tokens", "20")
-    page.fill("#scale-word", "e")
-    page.wait_for_selector("#scale-senses input")  # the sense boxes appear once /api/info answered
-    for box in page.locator("#scale-senses input").all():
-        box.check()
+    open_steer_with_every_sense_of_e(page, url)
     page.locator("#scale-factor").fill("4")  # move the slider
     page.click("#scale-add")
     assert page.locator("#edit-list li").count() == 1

@@ -42,6 +42,17 @@ def ckpt(request, tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp(request.param), model.eval(), ITOS)
 
 
+def spy_on_generate(monkeypatch) -> list[dict]:
+    """The keyword arguments of every generate() call sample.py makes (generate still runs)."""
+    seen = []
+
+    def spy(*args, **kw):
+        seen.append(kw)
+        return generate(*args, **kw)
+    monkeypatch.setattr(sample, "generate", spy)
+    return seen
+
+
 def run(capsys, out_dir, *flags) -> str:
     capsys.readouterr()
     run_cli(sample.main, sample.SampleConfig, [f"--out_dir={out_dir}", "--device=cpu", *flags])
@@ -118,12 +129,7 @@ def test_greedy_cached_uncached_and_sliding_window(ckpt, capsys):
 def test_top_k_zero_keeps_every_token(ckpt, capsys, monkeypatch):
     """--top_k=0 reaches generate as None (off), samples like top_k = the whole vocab, and generate is
     told the tokenizer's vocab size so the padded rows (64 - len(ITOS)) are never sampled."""
-    seen = []
-
-    def spy(*args, **kw):
-        seen.append(kw)
-        return generate(*args, **kw)
-    monkeypatch.setattr(sample, "generate", spy)
+    seen = spy_on_generate(monkeypatch)
     flags = ["--start=ROMEO:", "--num_samples=2", "--max_new_tokens=30", "--temperature=1.0", "--seed=3"]
     off = run(capsys, ckpt, *flags, "--top_k=0")
     assert seen[0]["top_k"] is None and seen[0]["vocab_limit"] == len(ITOS) and seen[0]["top_p"] is None
@@ -257,12 +263,7 @@ def test_each_decoding_flag_reaches_generate(ckpt, capsys, flags, options):
 def test_stop_rule_is_on_the_whole_new_text(ckpt, capsys, monkeypatch):
     """generate is handed stop(new ids) that is True once the decoded new text holds the stop string,
     wherever its characters fall across tokens."""
-    seen = []
-
-    def spy(*args, **kw):
-        seen.append(kw)
-        return generate(*args, **kw)
-    monkeypatch.setattr(sample, "generate", spy)
+    seen = spy_on_generate(monkeypatch)
     run(capsys, ckpt, "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=5", "--stop=' e'")
     _, tok = load_model("resume", ckpt, "cpu")
     stop = seen[0]["stop"]
@@ -304,12 +305,7 @@ def test_streamer_waits_for_whole_characters_of_a_byte_vocab(capsys):
 
 def test_use_cache_and_greedy_reach_generate_as_given(ckpt, capsys, monkeypatch):
     """--use_cache=False and --temperature=0 (exactly greedy, not a small temperature) reach generate."""
-    seen = []
-
-    def spy(*args, **kw):
-        seen.append(kw)
-        return generate(*args, **kw)
-    monkeypatch.setattr(sample, "generate", spy)
+    seen = spy_on_generate(monkeypatch)
     run(capsys, ckpt, "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=3", "--use_cache=False")
     run(capsys, ckpt, "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=3", "--temperature=0")
     assert [kw["use_cache"] for kw in seen] == [False, True]
