@@ -6,7 +6,6 @@ flags are one-line errors.
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -16,7 +15,8 @@ import torch
 from common import UserError
 from conftest import REPO
 from configurator import run_cli
-from test_sense_vector import CHARS, N_SENSES, assert_cli_basics, backpack_dir, gpt_dir, load, tiny_checkpoint  # noqa: F401  (backpack_dir, gpt_dir: fixtures)
+from test_sense_vector import (  # noqa: F401  (backpack_dir, gpt_dir: fixtures)
+    CHARS, N_SENSES, assert_cli_basics, backpack_dir, gpt_dir, load, run_script, tiny_checkpoint)
 
 sys.path.insert(0, os.path.join(REPO, "experiments"))
 import contextualization  # noqa: E402
@@ -95,12 +95,8 @@ def test_cli_errors_are_one_line(backpack_dir, capsys):
 
 def test_script_runs_end_to_end(backpack_dir):
     """As a user runs it: python experiments/contextualization.py from the repo root, no PYTHONPATH."""
-    command = [sys.executable, os.path.join("experiments", "contextualization.py"), f"--out_dir={backpack_dir}",
-               "--device=cpu", "--senses=0,1"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
-    assert result.returncode == 0, result.stderr
-    assert "sum of all" in result.stdout
+    stdout = run_script("contextualization", f"--out_dir={backpack_dir}", "--device=cpu", "--senses=0,1")
+    assert "sum of all" in stdout
     assert os.path.isdir(os.path.join(backpack_dir, "experiments"))
 
 

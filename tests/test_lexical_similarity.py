@@ -6,7 +6,6 @@ models (test_sense_vector.py's checkpoints), the checked download.
 
 import hashlib
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -16,9 +15,9 @@ import torch
 from checkpoint import checkpoint_dict, save_checkpoint
 from common import UserError
 from conftest import REPO, shared_file
-from configurator import run_cli
 from model import build_model
-from test_sense_vector import CHARS, LEXSIM_FIXTURES, N_SENSES, assert_cli_basics, backpack_dir, gpt_dir, load, tiny_checkpoint  # noqa: F401  (backpack_dir, gpt_dir: fixtures)
+from test_sense_vector import (  # noqa: F401  (backpack_dir, gpt_dir: fixtures)
+    CHARS, LEXSIM_FIXTURES, N_SENSES, assert_cli_basics, backpack_dir, gpt_dir, load, run_script)
 
 sys.path.insert(0, os.path.join(REPO, "experiments"))
 import lexical_similarity as lexsim  # noqa: E402
@@ -122,12 +121,10 @@ def test_cli_errors_are_one_line(backpack_dir, capsys):
 
 def test_script_runs_end_to_end(backpack_dir):
     """As a user runs it: python experiments/lexical_similarity.py from the repo root, no PYTHONPATH."""
-    command = [sys.executable, os.path.join("experiments", "lexical_similarity.py"), f"--out_dir={backpack_dir}",
-               "--device=cpu", f"--data_dir={LEXSIM_FIXTURES}", "--download=False"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
-    assert result.returncode == 0, result.stderr
-    assert "pairs scored" in result.stdout
+    stdout = run_script("lexical_similarity", f"--out_dir={backpack_dir}", "--device=cpu",
+                        f"--data_dir={LEXSIM_FIXTURES}",
+                        "--download=False")
+    assert "pairs scored" in stdout
     assert os.path.isdir(os.path.join(backpack_dir, "experiments"))
 
 

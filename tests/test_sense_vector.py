@@ -135,6 +135,15 @@ def assert_cli_basics(main, cfg_class, out_dir, capsys):
     assert e.value.code == 0 and "--out_dir='out'" in capsys.readouterr().out
 
 
+def run_script(name: str, *flags) -> str:
+    """python experiments/<name>.py as a user runs it, from the repo root with no PYTHONPATH: its stdout."""
+    result = subprocess.run([sys.executable, os.path.join("experiments", f"{name}.py"), *flags], cwd=REPO,
+                            capture_output=True, text=True, timeout=300,
+                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def test_cli_errors_are_one_line(backpack_dir, capsys):
     assert_cli_basics(sense_vector.main, sense_vector.SenseVectorConfig, backpack_dir, capsys)
     with pytest.raises(SystemExit):
@@ -160,12 +169,9 @@ def test_gpt2_bpe_backpack(tmp_path, gpt2_bpe, capsys):
 
 def test_script_runs_end_to_end(backpack_dir):
     """As a user runs it: python experiments/sense_vector.py from the repo root, no PYTHONPATH."""
-    command = [sys.executable, os.path.join("experiments", "sense_vector.py"), f"--out_dir={backpack_dir}",
-               "--device=cpu", "--words=a,king", "--compile=False"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
-    assert result.returncode == 0, result.stderr
-    assert "# king\n[[" in result.stdout
+    stdout = run_script("sense_vector", f"--out_dir={backpack_dir}", "--device=cpu", "--words=a,king",
+                        "--compile=False")
+    assert "# king\n[[" in stdout
     assert os.path.isdir(os.path.join(backpack_dir, "experiments"))
 
 
